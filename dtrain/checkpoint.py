@@ -1,0 +1,192 @@
+"""Sharded, atomic checkpoints.
+
+Layout of one checkpoint (`<dir>/step-00000040/`):
+    ds/                     DeepSpeed shards: every rank writes its own model/optimizer partition
+    rng/rank-00000.pt ...   RNG states of every rank (dropout draws from them)
+    config.yaml             the resolved config of the run
+    trainer_state.json      step, data position, tokens seen, batch layout; written LAST
+
+All ranks write into `<dir>/.tmp-step-00000040/`; once every rank is done, rank 0 writes trainer_state.json, syncs
+the files to disk and renames the folder to its final name. A rename within one filesystem is atomic, so a folder
+named `step-*` is always complete, and a crash at any moment leaves either the old set of checkpoints or the new one.
+Resume `auto` picks the newest `step-*` folder that holds trainer_state.json and never looks at `.tmp-*` ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dtrain.config import Config, dump_yaml
+
+STATE_FILE = "trainer_state.json"
+ENGINE_TAG = "ds"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class Progress:
+    """Where a run stands; the data position is a global sample count, valid on any number of ranks."""
+
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    global_batch_size: int = 0
+    world_size: int = 0
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def read_progress(checkpoint: Path) -> Progress:
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    return Progress(**state["progress"])
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint this run starts from, per checkpoint.resume; raises if `never` would overwrite a run."""
+    directory, mode = cfg.checkpoint_dir, cfg.checkpoint.resume
+    if mode == "auto":
+        found = complete_checkpoints(directory)
+        return found[-1] if found else None
+    if mode == "never":
+        if complete_checkpoints(directory):
+            raise FileExistsError(
+                f"checkpoint.resume is 'never' but {directory} already holds checkpoints; "
+                "use a new output_dir or resume: auto"
+            )
+        return None
+    path = Path(mode)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+class Checkpointer:
+    """Decides when to save, writes checkpoints atomically, restores them, prunes old ones."""
+
+    def __init__(self, cfg: Config, rank: int, save_options: dict[str, Any], load_options: dict[str, Any]):
+        self.cfg = cfg
+        self.rank = rank
+        self.directory = cfg.checkpoint_dir
+        self.save_options = save_options
+        self.load_options = load_options
+
+    def should_save(self, step: int, finished: bool, stopping: bool) -> bool:
+        return finished or stopping or step % self.cfg.checkpoint.every_steps == 0
+
+    def save(self, engine: Any, progress: Progress) -> Path:
+        final = self.directory / checkpoint_name(progress.step)
+        if (final / STATE_FILE).is_file():  # a resumed run reaching a step it already saved
+            return final
+        tmp = self.directory / f".tmp-{final.name}"
+        if self.rank == 0:
+            self._clear_partial()
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        # Every rank writes its own partition: optimizer state is sharded across ranks.
+        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False, **self.save_options)
+        _atomic_torch_save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            (tmp / "config.yaml").write_text(dump_yaml(self.cfg))
+            state = {"progress": asdict(progress), "format": 1}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            _fsync_tree(tmp)
+            if final.exists():  # an incomplete folder of that name (not ours: ours appear only whole) is replaced
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.directory)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def load(self, engine: Any, checkpoint: Path) -> Progress:
+        load_path, _ = engine.load_checkpoint(
+            str(checkpoint), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+            **self.load_options,
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no engine state in {checkpoint / ENGINE_TAG}")
+        rng_file = checkpoint / "rng" / f"rank-{self.rank:05d}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        return read_progress(checkpoint)
+
+    def _clear_partial(self) -> None:
+        """Leftovers of saves or prunes that a crash interrupted; never resumed from."""
+        if self.directory.is_dir():
+            for leftover in self.directory.glob(".tmp-step-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            for leftover in self.directory.glob(".deleting-step-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def _prune(self) -> None:
+        keep = self.cfg.checkpoint.keep_last
+        if keep == 0:
+            return
+        for old in complete_checkpoints(self.directory)[:-keep]:
+            # Renamed first so that a crash mid-delete never leaves a half-deleted folder that looks complete.
+            doomed = old.with_name(f".deleting-{old.name}")
+            os.rename(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,37 @@
+"""Entry point of every rank:  torchrun --nproc_per_node N -m dtrain.train CONFIG.yaml [key.sub=value ...]
+
+`dtrain train` builds exactly this command; Slurm jobs run it too. Exit code 0: finished; EXIT_PREEMPTED: stopped
+early on a preemption/time-limit signal after saving a checkpoint (the launcher requeues); anything else: failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dtrain.train", description=__doc__)
+    parser.add_argument("config", help="run config YAML")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+
+    from dtrain.config import load_config
+    from dtrain.dist import compute_init
+
+    cfg = load_config(args.config, args.overrides)
+    env = compute_init(cfg.deepspeed.timeout_minutes)
+
+    from dtrain.trainer import Trainer
+
+    result = Trainer(cfg, env).fit()
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return EXIT_PREEMPTED if result.preempted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared by the end-to-end tests: write a run config for the tiny model, run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(path: Path, tiny_model: Path, base: str = "configs/tiny-full-zero3.yaml", **sections) -> Path:
+    """The shipped tiny config pointed at `tiny_model`, with `sections` merged in (dotted keys allowed)."""
+    raw = yaml.safe_load((REPO / base).read_text())
+    raw["model"]["path"] = str(tiny_model)
+    for ds in raw["data"]["datasets"]:
+        ds["path"] = str(REPO / ds["path"])
+    raw["output_dir"] = str(path.parent / "run")
+    raw["logging"]["progress_bar"] = False
+    for dotted, value in sections.items():
+        *parents, last = dotted.split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def dtrain_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dtrain_launch.cli", *args]
+
+
+def run_dtrain(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        dtrain_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=dict(os.environ)
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dtrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc

@@ -1,0 +1,121 @@
+"""Config: every shipped YAML passes `dtrain check`; bad configs fail naming the key, before any process starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dtrain.config import ConfigError, load_config
+from dtrain_launch.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def base(tmp_path, tiny_model) -> dict:
+    raw = yaml.safe_load((REPO / "configs/tiny-full-zero3.yaml").read_text())
+    raw["model"]["path"] = str(tiny_model)
+    raw["data"]["datasets"][0]["path"] = str(REPO / "data/sample/text.jsonl")
+    raw["output_dir"] = str(tmp_path / "run")
+    return raw
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_pass_check(path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    if "tiny" in path.name and not (REPO / "runs/tiny-model/config.json").exists():
+        main(["tiny-model", "runs/tiny-model"])
+    assert main(["check", str(path.relative_to(REPO))]) == 0, capsys.readouterr().err
+    assert "OK" in capsys.readouterr().out
+
+
+def _set(raw: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+
+
+BAD = [
+    ("model.colour", "blue", "model.colour: unknown key"),
+    ("strategy", "fulll", "strategy: must be one of"),
+    ("train.lr", "fast", "train.lr: expected a number"),
+    ("train.lr", -1.0, "train.lr: must be > 0"),
+    ("train.micro_batch_size", 0, "train.micro_batch_size: must be >= 1"),
+    ("train.global_batch_size", 8, "train.gradient_accumulation_steps / train.global_batch_size: set exactly one"),
+    ("train.epochs", 2, "train.max_steps / train.epochs: set exactly one"),
+    ("train.warmup_steps", 400, "train.warmup_steps: 400 exceeds train.max_steps"),
+    ("train.precision", "fp8", "train.precision: must be one of"),
+    ("train.adam_betas", [0.9], "train.adam_betas: expected two numbers"),
+    ("train.optimizer", "paged_adamw_8bit", "train.optimizer: paged_adamw_8bit is for strategy lora/qlora"),
+    ("deepspeed.stage", 4, "deepspeed.stage: must be 0, 1, 2 or 3"),
+    ("deepspeed.offload_param.device", "gpu", "deepspeed.offload_param.device: must be one of"),
+    ("deepspeed.offload_optimizer.device", "nvme", "deepspeed.offload_optimizer.nvme_path: required"),
+    ("deepspeed.stage", 2, "deepspeed.offload_param.device: parameter offload needs deepspeed.stage 3"),
+    ("model.path", "/nonexistent/model", "model.path: /nonexistent/model has no config.json"),
+    ("data.datasets", [{"path": "/nonexistent.jsonl"}], "data.datasets[0].path: /nonexistent.jsonl does not exist"),
+    ("data.datasets", [{"path": "x.txt"}], "data.datasets[0].path: x.txt: unsupported file type"),
+    ("data.seq_len", "long", "data.seq_len: expected an integer"),
+    ("checkpoint.every_steps", 0, "checkpoint.every_steps: must be >= 1"),
+    ("checkpoint.resume", "/no/such/step-00000010", "checkpoint.resume: /no/such/step-00000010 is neither"),
+    ("checkpoint.keep_last", -1, "checkpoint.keep_last: must be >= 0"),
+    ("logging.tensorboard", "yes", "logging.tensorboard: expected true/false"),
+    ("eval.max_batches", 0, "eval.max_batches: must be >= 1"),
+    ("output_dir", "", "output_dir: required"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+@pytest.mark.parametrize("command", ["check", "train"])
+def test_bad_config_fails_naming_the_key(tmp_path, base, capsys, key, value, message, command):
+    _set(base, key, value)
+    # `train` would replace this process with torchrun: returning at all proves nothing was launched.
+    assert main([command, str(write(tmp_path, base)), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_all_problems_reported_at_once(tmp_path, base):
+    _set(base, "train.lr", "fast")
+    _set(base, "deepspeed.stage", 7)
+    _set(base, "model.colour", "blue")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, base))
+    keys = [p.split(":")[0] for p in info.value.problems]
+    assert {"train.lr", "deepspeed.stage", "model.colour"} <= set(keys)
+    assert str(tmp_path / "cfg.yaml") in str(info.value)
+
+
+def test_overrides_apply_and_are_checked(tmp_path, base):
+    path = write(tmp_path, base)
+    cfg = load_config(path, ["train.max_steps=7", "deepspeed.offload_param.device=none", "train.lr=3e-4"])
+    assert (cfg.train.max_steps, cfg.deepspeed.offload_param.device, cfg.train.lr) == (7, "none", 3e-4)
+    with pytest.raises(ConfigError, match="train.nope: unknown key"):
+        load_config(path, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(path, ["train.max_steps"])
+
+
+def test_global_batch_not_divisible_is_refused_before_launch(tmp_path, base, capsys):
+    base["train"].pop("gradient_accumulation_steps")
+    base["train"]["global_batch_size"] = 6
+    assert main(["train", str(write(tmp_path, base)), "--nproc", "4"]) == 2
+    assert "train.global_batch_size: train.global_batch_size 6 is not a multiple" in capsys.readouterr().err
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  lr: 1\n   max_steps: 3\n")
+    with pytest.raises(ConfigError, match="line 3"):
+        load_config(path)
