@@ -120,13 +120,13 @@ class Checkpointer:
         dist.barrier()
         return final
 
-    def load(self, engine: Any, checkpoint: Path) -> Progress:
+    def load(self, engine: Any, checkpoint: Path, tag: str = ENGINE_TAG) -> Progress:
         load_path, _ = engine.load_checkpoint(
-            str(checkpoint), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True,
+            str(checkpoint), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
             **self.load_options,
         )
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed found no engine state in {checkpoint / ENGINE_TAG}")
+            raise RuntimeError(f"DeepSpeed found no engine state in {checkpoint / tag}")
         rng_file = checkpoint / "rng" / f"rank-{self.rank:05d}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dtrain.checkpoint import Checkpointer, Progress, read_progress, resolve_resume
+from dtrain.checkpoint import ENGINE_TAG, Checkpointer, Progress, read_progress, resolve_resume
 from dtrain.config import Config
 from dtrain.data import PreparedData, collate, prepare_data
 from dtrain.dist import DistEnv
@@ -21,6 +21,7 @@ from dtrain.model import strategy_for
 from dtrain.optim import build_optimizer
 from dtrain.order import DataOrder, rank_micro_batches
 from dtrain.preemption import StopFlag
+from dtrain.reshard import UNIVERSAL_TAG, ensure_universal, needs_universal, unshare_step_counters
 from dtrain.schedule import lr_factor
 
 
@@ -48,7 +49,10 @@ class Trainer:
                 f"({self.layout.global_batch_size}); add data or lower the batch size"
             )
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.order.steps_per_epoch)
-        ds_config = build_deepspeed_config(cfg, self.layout)
+        self.universal = saved is not None and needs_universal(saved, env.world_size, cfg.deepspeed.stage)
+        if self.universal:
+            ensure_universal(self.resume_from, env.rank, timeout_s=cfg.deepspeed.timeout_minutes * 60)
+        ds_config = build_deepspeed_config(cfg, self.layout, load_universal=self.universal)
         torch.manual_seed(cfg.train.seed)
         built = strategy_for(cfg)(cfg, env, ds_config)
         self._keepalive = built.keepalive
@@ -133,9 +137,19 @@ class Trainer:
     def _start(self) -> Progress:
         if self.resume_from is None:
             return Progress(global_batch_size=self.layout.global_batch_size, world_size=self.env.world_size)
-        progress = self.checkpointer.load(self.engine, self.resume_from)
+        tag = UNIVERSAL_TAG if self.universal else ENGINE_TAG
+        progress = self.checkpointer.load(self.engine, self.resume_from, tag)
+        if self.universal:
+            unshare_step_counters(self.engine.optimizer)
         if self.env.is_main:
             print(f"resumed from {self.resume_from} at step {progress.step}", flush=True)
+            if progress.world_size != self.env.world_size:
+                print(
+                    f"world size {progress.world_size} -> {self.env.world_size}: global batch "
+                    f"{self.layout.global_batch_size} kept with {self.layout.gradient_accumulation_steps} "
+                    f"accumulation steps{' (universal checkpoint)' if self.universal else ''}",
+                    flush=True,
+                )
         progress.world_size = self.env.world_size
         return progress
 

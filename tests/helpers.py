@@ -41,3 +41,18 @@ def run_dtrain(*args: str, timeout: float = 600, check: bool = True) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"dtrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+FULL_STEPS = 12
+FULL_OVERRIDES = [
+    f"train.max_steps={FULL_STEPS}", "checkpoint.every_steps=4", "checkpoint.keep_last=0", "eval.every_steps=6",
+    # the same global batch (8) on any number of ranks, so runs on 1 and 2 ranks read the same samples per step
+    "train.gradient_accumulation_steps=null", "train.global_batch_size=8",
+]  # fmt: skip
+
+
+def consolidated(checkpoint: Path) -> dict:
+    """fp32 weights of a full-strategy checkpoint, gathered from its ZeRO shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds")

@@ -17,25 +17,16 @@ import torch
 
 from dtrain.checkpoint import complete_checkpoints
 from dtrain.metrics import read_metrics
-from tests.helpers import REPO, dtrain_cmd, run_dtrain, write_config
+from tests.helpers import REPO, consolidated, dtrain_cmd, run_dtrain, write_config
 
-STEPS = 12
-OVERRIDES = [f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "checkpoint.keep_last=0", "eval.every_steps=6"]
+from tests.helpers import FULL_OVERRIDES as OVERRIDES
+from tests.helpers import FULL_STEPS as STEPS
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model):
+def reference(full_reference):
     """An uninterrupted 2-rank run: its losses and checkpoints are what every interrupted run must reproduce."""
-    root = tmp_path_factory.mktemp("reference")
-    config = write_config(root / "cfg.yaml", tiny_model)
-    run_dtrain("train", str(config), *OVERRIDES, "--nproc", "2")
-    return root / "run"
-
-
-def consolidated(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds")
+    return full_reference(2)
 
 
 def test_reference_run_writes_checkpoints_metrics_and_tensorboard(reference):

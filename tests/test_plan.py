@@ -1,0 +1,415 @@
+"""dtrain.plan: exact parameter counts, DeepSpeed-estimator agreement, activation formula vs a measured CPU peak,
+4-bit storage vs bitsandbytes, and predicted model-state bytes vs what real ZeRO-3 ranks hold (torchrun, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dtrain.config import LoraConfig, QuantizationConfig, load_config
+from dtrain.layout import BatchLayout
+from dtrain.plan import (
+    Choice,
+    Hardware,
+    ModelShape,
+    ZeroChoice,
+    activation_bytes,
+    fit_problems,
+    format_bytes,
+    load_model_shape,
+    lora_linear_params,
+    lora_targets,
+    lora_trainable_params,
+    model_states,
+    param_counts,
+    parse_size,
+    plan_command,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA3_8B, LLAMA3_70B = REPO / "configs/models/llama-3-8b", REPO / "configs/models/llama-3-70b"
+FULL_70B, QLORA_8B = REPO / "configs/llama3-70b-full-zero3-offload.yaml", REPO / "configs/llama3-8b-qlora.yaml"
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+            vocab_size=320, max_position_embeddings=128)  # fmt: skip
+TINY_VARIANTS = {
+    "llama-gqa": ("llama", {}),
+    "llama-bias-tied-headdim": (
+        "llama",
+        dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True, head_dim=32),
+    ),
+    "mistral": ("mistral", dict(head_dim=24)),
+    "qwen2": ("qwen2", {}),
+    "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True, head_dim=16)),
+}
+
+
+def hf_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **(TINY | overrides))
+
+
+def meta_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def largest_layer(model) -> int:
+    """DeepSpeed's model_to_params, without its data_ptr de-duplication (meta tensors have none)."""
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter counts
+
+
+@pytest.mark.parametrize("variant", TINY_VARIANTS)
+def test_param_count_equals_transformers_model(variant):
+    model_type, overrides = TINY_VARIANTS[variant]
+    config = hf_config(model_type, **overrides)
+    model = meta_model(config)
+    shape = ModelShape.from_hf_config(config.to_dict())
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    assert shape.largest_layer_params == largest_layer(model)
+
+
+@pytest.mark.parametrize("path, expected", [(LLAMA3_8B, 8_030_261_248), (LLAMA3_70B, 70_553_706_496)])
+def test_real_llama3_shapes(path, expected):
+    from transformers import AutoConfig
+
+    shape = load_model_shape(path)
+    assert shape.total_params == expected
+    model = meta_model(AutoConfig.from_pretrained(path))
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert shape.largest_layer_params == largest_layer(model) == 128256 * shape.hidden_size
+
+
+def test_unsupported_models_are_refused():
+    with pytest.raises(ValueError, match="plan supports"):
+        ModelShape.from_hf_config({"model_type": "gpt2"})
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        ModelShape.from_hf_config(hf_config("mistral").to_dict() | {"num_local_experts": 8})
+
+
+LORA_CASES = {
+    "qkvo-r8": ("llama", {}, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    "all-linear-r4": ("llama", {}, LoraConfig(r=4, target_modules="all-linear")),
+    "lm-head-and-saved-embeddings": (
+        "llama", {}, LoraConfig(r=2, target_modules=["v_proj", "lm_head"], modules_to_save=["embed_tokens"])
+    ),
+    "bias-all": ("llama", dict(attention_bias=True), LoraConfig(r=8, target_modules=["q_proj"], bias="all")),
+    "bias-lora-only-qwen2": ("qwen2", {}, LoraConfig(r=8, target_modules=["k_proj", "up_proj"], bias="lora_only")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_lora_trainable_count_equals_peft(case):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.adapters import peft_config
+
+    model_type, overrides, lora = LORA_CASES[case]
+    config = hf_config(model_type, **overrides)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), peft_config(lora))
+    trainable, total = model.get_nb_trainable_parameters()
+    shape = ModelShape.from_hf_config(config.to_dict())
+    assert lora_trainable_params(shape, lora) == trainable
+    counts = param_counts(shape, "lora", lora, QuantizationConfig())
+    assert counts.trainable + counts.frozen == total
+
+
+def test_lora_unknown_target_is_an_error():
+    with pytest.raises(ValueError, match="c_attn"):
+        lora_targets(load_model_shape(LLAMA3_8B), ["q_proj", "c_attn"])
+
+
+def test_lora_4096_square_layer_r8():
+    """The figure users quote: 65,536 adapter parameters beside 16.8M, 99.6 % fewer."""
+    assert lora_linear_params(4096, 4096, 8) == 65_536
+    assert round(100 * (1 - 65_536 / 4096**2), 1) == 99.6
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_equal_bitsandbytes(tmp_path, double_quant):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    config = hf_config("llama", hidden_size=128, intermediate_size=352)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    quant = QuantizationConfig(double_quant=double_quant)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                             bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=bnb, dtype=torch.bfloat16)
+    quantized = dense = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is None:
+            dense += param.numel()
+            continue
+        quantized += param.numel() * param.element_size() + sum(
+            t.numel() * t.element_size() for t in state.as_dict(packed=False).values() if isinstance(t, torch.Tensor)
+        )
+    counts = param_counts(ModelShape.from_hf_config(config.to_dict()), "qlora", LoraConfig(r=1), quant)
+    assert counts.quantized_bytes == quantized
+    assert counts.frozen == dense
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model states vs DeepSpeed's estimators
+
+
+def full_counts(path=LLAMA3_70B):
+    return param_counts(load_model_shape(path), "full", LoraConfig(), QuantizationConfig())
+
+
+@pytest.mark.parametrize("nodes, gpus", [(1, 8), (4, 8), (2, 1)])
+@pytest.mark.parametrize("offload_optimizer, offload_param", [(False, False), (True, False), (True, True)])
+def test_zero3_agrees_with_deepspeed_estimator(nodes, gpus, offload_optimizer, offload_param):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    counts = full_counts()
+    ds_cpu, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
+        counts.trainable, counts.largest_layer, gpus, nodes, offload_optimizer, offload_param, zero_init=True
+    )
+    device = {True: "cpu", False: "none"}
+    zero = ZeroChoice(3, device[offload_optimizer], device[offload_param])
+    ours = model_states(counts, zero, nodes, gpus)
+    assert ours.gpu.total == pytest.approx(ds_gpu, abs=2)
+    assert ours.cpu.total == pytest.approx(ds_cpu, abs=2)
+
+
+@pytest.mark.parametrize("gpus", [1, 8])
+@pytest.mark.parametrize("offload_optimizer", [False, True])
+def test_zero2_agrees_with_deepspeed_estimator(gpus, offload_optimizer):
+    """One node: DeepSpeed's stage-2 estimator does not divide host memory by the number of nodes (see model_states)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    counts = full_counts(LLAMA3_8B)
+    ds_cpu, ds_gpu = estimate_zero2_model_states_mem_needs(counts.trainable, gpus, 1, offload_optimizer)
+    ours = model_states(counts, ZeroChoice(2, "cpu" if offload_optimizer else "none"), 1, gpus)
+    assert ours.gpu.total == pytest.approx(ds_gpu, abs=2)
+    assert ours.cpu.total == pytest.approx(ds_cpu, abs=2)
+
+
+def test_70b_full_adam_mixed_precision_is_16_bytes_per_param():
+    """2 B bf16 weights + 2 B bf16 gradients + 12 B fp32 master and Adam moments = 16 B/param, ~1.1 TB for 70B."""
+    counts = full_counts()
+    states = model_states(counts, ZeroChoice(3), nodes=4, gpus_per_node=8)
+    cluster = states.gpu.model_states * 32
+    assert cluster == pytest.approx(16 * counts.trainable)
+    assert format_bytes(cluster) == "1.13 TB"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activations: the formula against the allocation peak of a real forward + backward on CPU
+
+
+def cpu_step_peak(model, ids) -> int:
+    """Peak bytes allocated during one step above the start (parameters and gradients exist already)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model(input_ids=ids, labels=ids).loss.backward()  # gradients allocated before the measured step
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, size in events:
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+ACTIVATION_CASES = {
+    "sdpa": ("sdpa", False, None),
+    "sdpa-checkpointing": ("sdpa", True, None),
+    "eager-gqa": ("eager", False, None),
+    "eager-gqa-checkpointing": ("eager", True, None),
+    "sdpa-lora": ("sdpa", False, ["q_proj", "v_proj"]),
+}
+
+
+@pytest.mark.parametrize("case", ACTIVATION_CASES)
+def test_activation_formula_matches_cpu_peak(case):
+    from transformers import LlamaForCausalLM
+
+    attn, checkpointing, targets = ACTIVATION_CASES[case]
+    # sdpa without a mask uses native GQA on CPU while plan assumes the (masked, packed) repeat: equal kv heads here
+    kv_heads = 2 if attn == "eager" else 4
+    config = hf_config("llama", hidden_size=256, intermediate_size=704, vocab_size=4096, num_key_value_heads=kv_heads,
+                       attn_implementation=attn)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if targets:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        model = get_peft_model(model, PeftLoraConfig(r=8, lora_dropout=0.05, target_modules=targets))
+    batch, seq_len = 2, 256
+    measured = cpu_step_peak(model, torch.randint(0, config.vocab_size, (batch, seq_len)))
+    shape = ModelShape.from_hf_config(config.to_dict())
+    adapters = lora_targets(shape, targets) if targets else None
+    predicted = activation_bytes(shape, seq_len, batch, checkpointing, attn, 2, adapters, lora_r=8)
+    # exact within 3 %; for LoRA an upper bound (frozen layers keep less)
+    assert 0.97 * measured <= predicted <= (1.1 if targets else 1.03) * measured
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plans, verdicts and the CLI entry points
+
+
+def test_parse_size():
+    assert parse_size("80GB") == 80 * 10**9
+    assert parse_size("1TB") == 10**12
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("1.5 TB") == 1_500_000_000_000
+    assert parse_size("512G") == 512 * 2**30  # bare letters are binary, as Slurm's --mem
+    assert parse_size("1000") == 1000
+    for bad in ("", "80 gigs", "GB", "-1GB"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_shipped_configs_load():
+    full = load_config(FULL_70B, check_paths=False)
+    assert (full.strategy, full.deepspeed.stage, full.train.optimizer) == ("full", 3, "adamw_deepspeed")
+    assert (full.deepspeed.offload_optimizer.device, full.deepspeed.offload_param.device) == ("cpu", "cpu")
+    assert full.model.gradient_checkpointing and full.data.seq_len == 4096
+    qlora = load_config(QLORA_8B, check_paths=False)
+    assert (qlora.strategy, qlora.deepspeed.stage, qlora.train.optimizer) == ("qlora", 0, "paged_adamw_8bit")
+    assert (qlora.lora.r, qlora.lora.alpha, qlora.quantization.quant_type) == (16, 32, "nf4")
+    assert qlora.data.datasets[0].format == "chat" and qlora.data.seq_len == 2048
+
+
+def test_plan_for_70b_full_on_4x8x80gb():
+    cfg = load_config(FULL_70B, check_paths=False)
+    text = plan_command(cfg, 4, 8, parse_size("80GB"), parse_size("1TB"))
+    assert "70,553,706,496 parameters" in text
+    for row in ("parameters", "gradients", "optimizer states", "activations", "buffers", "total", "available"):
+        assert f"\n  {row}" in text
+    assert "verdict: fits" in text
+    # Offload is not needed on 32 x 80 GB: ZeRO-3 with checkpointing alone fits and is cheaper.
+    assert "cheapest that fits: full, ZeRO-3, no offload, gradient checkpointing on" in text
+    assert "* full" in text and ">full" in text
+
+
+def test_plan_for_8b_qlora_on_one_24gb_gpu():
+    cfg = load_config(QLORA_8B, check_paths=False)
+    text = plan_command(cfg, 1, 1, parse_size("24GB"), parse_size("64GB"))
+    assert "trainable  13,631,488" in text
+    assert "verdict: fits" in text and "cheapest that fits: the configuration as it is" in text
+
+
+def test_fit_problems():
+    cfg = load_config(FULL_70B, check_paths=False)
+    four_nodes = Hardware(4, 8, parse_size("80GB"), parse_size("1TB"))
+    assert fit_problems(cfg, BatchLayout.from_config(cfg.train, 32), four_nodes) == []
+    # One node: 70B of fp32 optimizer state and gradients do not fit 1 TB of CPU RAM.
+    one_node = Hardware(1, 8, parse_size("80GB"), parse_size("1TB"))
+    problems = fit_problems(cfg, BatchLayout.from_config(cfg.train, 8), one_node)
+    assert problems[0].startswith("CPU RAM per node: needs 1.9")
+    assert "cheapest configuration that fits: lora, ZeRO-3" in problems[-1]
+    assert "ranks but the hardware has" in fit_problems(cfg, BatchLayout(1, 2, 16), four_nodes)[0]
+
+
+def test_cheapest_prefers_the_configured_strategy_and_less_slowdown():
+    assert Choice("full", 2).cost < Choice("full", 2, "cpu").cost < Choice("full", 3).cost
+    assert Choice("full", 3, checkpointing=True).cost < Choice("full", 3, "cpu", "cpu").cost
+    assert not Choice("qlora", 3, "cpu", "cpu").valid and not Choice("full", 2, "none", "cpu").valid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prediction vs measurement: real ZeRO-3 ranks on CPU
+
+
+MEASURE_MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                     intermediate_size=512, vocab_size=4096, max_position_embeddings=256)  # fmt: skip
+MEASURE_VARIANTS = {
+    "full": {},
+    "lora": {"strategy": "lora", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}},
+    "full-offload": {"deepspeed": {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}},
+}
+MEASURE_RUNS = {1: ["full", "lora"], 2: ["full", "lora", "full-offload"]}
+
+
+def measure_config(root: Path, name: str) -> Path:
+    raw = {
+        "output_dir": str(root / "run"),
+        "model": {"path": str(root / "model")},
+        "data": {"datasets": [{"path": "unused.jsonl"}], "seq_len": 32},
+        "train": {"micro_batch_size": 1, "gradient_accumulation_steps": 1, "max_steps": 1, "precision": "bf16"},
+        # PLATFORM.md: these make ZeRO-3 partition every parameter of a tiny model
+        "deepspeed": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 100_000,
+                      "stage3_max_live_parameters": 1_000_000, "reduce_bucket_size": 100_000},
+    }  # fmt: skip
+    for section, values in MEASURE_VARIANTS[name].items():
+        raw[section] = raw.get(section, {}) | values if isinstance(values, dict) else values
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory) -> dict[tuple[int, str], list[dict]]:
+    """Both torchrun launches at once (3 ranks on 2 cores, ~30 s): {(nproc, variant): [per-rank bytes]}."""
+    from transformers import LlamaConfig
+
+    root = tmp_path_factory.mktemp("plan-measure")
+    LlamaConfig(**MEASURE_MODEL).save_pretrained(root / "model")
+    env = os.environ | {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for nproc, names in MEASURE_RUNS.items():
+        out = root / f"out{nproc}"
+        out.mkdir()
+        configs = [str(measure_config(root, n)) for n in names]
+        worker = str(REPO / "tests/plan_measure_worker.py")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", worker]
+        cmd += [str(out), *configs]
+        procs[nproc] = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    results = {}
+    for nproc, proc in procs.items():
+        output = proc.communicate(timeout=300)[0].decode(errors="replace")
+        assert proc.returncode == 0, output[-6000:]
+        for name in MEASURE_RUNS[nproc]:
+            ranks = [json.loads((root / f"out{nproc}" / f"{name}-rank{r}.json").read_text()) for r in range(nproc)]
+            results[(nproc, name)] = ranks
+    return results
+
+
+def predicted_per_rank(name: str, nproc: int) -> dict[str, float]:
+    cfg_raw = MEASURE_VARIANTS[name]
+    shape = ModelShape.from_hf_config({"model_type": "llama", **MEASURE_MODEL})
+    strategy = cfg_raw.get("strategy", "full")
+    lora = LoraConfig(**cfg_raw["lora"]) if "lora" in cfg_raw else LoraConfig()
+    offload = cfg_raw.get("deepspeed", {})
+    zero = ZeroChoice(3, offload.get("offload_optimizer", {}).get("device", "none"),
+                      offload.get("offload_param", {}).get("device", "none"))  # fmt: skip
+    states = model_states(param_counts(shape, strategy, lora, QuantizationConfig()), zero, 1, nproc, buffer_factor=1)
+    rank = states.gpu + states.cpu.scaled(1 / nproc)  # host figures are per node
+    return {"params": rank.params, "grads": rank.grads, "optimizer": rank.optimizer}
+
+
+@pytest.mark.parametrize("nproc, name", [(n, v) for n, names in MEASURE_RUNS.items() for v in names])
+def test_predicted_model_states_match_measured(measured, nproc, name):
+    predicted = predicted_per_rank(name, nproc)
+    for rank in measured[(nproc, name)]:
+        held = {
+            "params": rank["params_trainable"] + rank["params_frozen"],
+            "grads": rank["grads"] + rank["grads_fp32"],
+            "optimizer": rank["master"] + rank["optimizer_state"],
+        }
+        for part, value in held.items():
+            assert predicted[part] == pytest.approx(value, rel=0.15), (part, predicted, held)
+        assert sum(predicted.values()) == pytest.approx(sum(held.values()), rel=0.15)
+        assert rank["loss"] == rank["loss"]  # finite step, not NaN
