@@ -26,9 +26,10 @@ demo: $(STAMP) runs/tiny-model/config.json
 	$(BIN)/dtrain check configs/tiny-full-zero3.yaml --nproc $(NPROC)
 	$(BIN)/dtrain train configs/tiny-full-zero3.yaml --nproc $(NPROC)
 
-# The whole suite, including the Slurm tests on a real single-node cluster started (and stopped) here.
+# The whole suite. The Slurm tests install, start and stop a real single-node cluster themselves
+# (slurm/testcluster/start, stop): nothing to set up by hand.
 test: $(STAMP)
-	bash slurm/testcluster/with-cluster $(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slurm and not slow" $(PYTEST_ARGS)

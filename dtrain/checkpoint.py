@@ -81,12 +81,19 @@ def resolve_resume(cfg: Config) -> Path | None:
     return path
 
 
+class CheckpointError(RuntimeError):
+    """A save that could not complete; the checkpoints written before it are intact."""
+
+
 class Checkpointer:
     """Decides when to save, writes checkpoints atomically, restores them, prunes old ones."""
 
-    def __init__(self, cfg: Config, rank: int, save_options: dict[str, Any], load_options: dict[str, Any]):
+    def __init__(
+        self, cfg: Config, rank: int, device: torch.device, save_options: dict[str, Any], load_options: dict[str, Any]
+    ):
         self.cfg = cfg
         self.rank = rank
+        self.device = device
         self.directory = cfg.checkpoint_dir
         self.save_options = save_options
         self.load_options = load_options
@@ -100,25 +107,58 @@ class Checkpointer:
             return final
         tmp = self.directory / f".tmp-{final.name}"
         if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
             self._clear_partial()
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        # Every rank writes its own partition: optimizer state is sharded across ranks.
-        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False, **self.save_options)
-        _atomic_torch_save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
-        dist.barrier()
-        if self.rank == 0:
-            (tmp / "config.yaml").write_text(dump_yaml(self.cfg))
-            state = {"progress": asdict(progress), "format": 1}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            _fsync_tree(tmp)
-            if final.exists():  # an incomplete folder of that name (not ours: ours appear only whole) is replaced
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.directory)
-            self._prune()
+        self._check_space(engine, final.name)
+        try:
+            if self.rank == 0:
+                tmp.mkdir()
+            dist.barrier()
+            # Every rank writes its own partition: optimizer state is sharded across ranks.
+            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False, **self.save_options)
+            _atomic_torch_save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
+            dist.barrier()
+            if self.rank == 0:
+                self._publish(tmp, final, progress)
+        except OSError as e:
+            raise CheckpointError(f"saving {final} failed on rank {self.rank}: {e}. {self._intact()}") from e
         dist.barrier()
         return final
+
+    def _publish(self, tmp: Path, final: Path, progress: Progress) -> None:
+        """Rank 0, once every rank's shards are written: metadata last, sync, then the atomic rename."""
+        (tmp / "config.yaml").write_text(dump_yaml(self.cfg))
+        state = {"progress": asdict(progress), "format": 1}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # an incomplete folder of that name (not ours: ours appear only whole) is replaced
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.directory)
+        self._prune()
+
+    def _check_space(self, engine: Any, name: str) -> None:
+        """Refuse, on every rank together and before writing anything, a save the file system cannot hold.
+
+        A rank that ran out of space in the middle of DeepSpeed's save would leave the others waiting in its
+        internal barrier until the collective timeout; checking first turns that into an immediate, clear error."""
+        previous = complete_checkpoints(self.directory)
+        # Consecutive checkpoints of a run have the same size; before the first one, estimate from the model.
+        needed = _tree_bytes(previous[-1]) if previous else _estimated_bytes(engine.module, self.save_options)
+        free = shutil.disk_usage(self.directory).free
+        short = torch.tensor([float(free < needed * 1.1)], device=self.device)
+        dist.all_reduce(short, op=dist.ReduceOp.MAX)
+        if short.item():
+            raise CheckpointError(
+                f"not enough space in {self.directory} for checkpoint {name}: it needs about {needed / 2**20:.1f} MiB, "
+                f"{free / 2**20:.1f} MiB are free. {self._intact()}"
+            )
+
+    def _intact(self) -> str:
+        found = complete_checkpoints(self.directory)
+        if not found:
+            return "No earlier checkpoint exists."
+        return f"The previous checkpoint {found[-1].name} is intact: free space, then relaunch to resume from it."
 
     def load(self, engine: Any, checkpoint: Path, tag: str = ENGINE_TAG) -> Progress:
         load_path, _ = engine.load_checkpoint(
@@ -149,6 +189,29 @@ class Checkpointer:
             doomed = old.with_name(f".deleting-{old.name}")
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of a checkpoint's own files (a cached universal conversion is not written by a save)."""
+    return sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, files in os.walk(root)
+        if "universal" not in Path(folder).relative_to(root).parts
+        for name in files
+    )
+
+
+def _estimated_bytes(module: torch.nn.Module, save_options: dict[str, Any]) -> int:
+    """fp32 master weights + two Adam moments for what is trained, plus the weights themselves unless frozen ones
+    are excluded. Under ZeRO-3 a parameter's full size is its ds_numel."""
+    total = 0
+    for param in module.parameters():
+        numel = getattr(param, "ds_numel", param.numel())
+        if param.requires_grad:
+            total += numel * (12 + param.element_size())
+        elif not save_options.get("exclude_frozen_parameters"):
+            total += numel * param.element_size()
+    return total
 
 
 def _rng_state() -> dict[str, Any]:

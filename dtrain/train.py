@@ -24,9 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     env = compute_init(cfg.deepspeed.timeout_minutes)
 
+    from dtrain.checkpoint import CheckpointError
     from dtrain.trainer import Trainer
 
-    result = Trainer(cfg, env).fit()
+    try:
+        result = Trainer(cfg, env).fit()
+    except CheckpointError as e:
+        print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
+        return 1
     import torch.distributed as dist
 
     dist.destroy_process_group()

@@ -64,7 +64,7 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.train, self.total_steps)),
             config=ds_config,
         )
-        self.checkpointer = Checkpointer(cfg, env.rank, built.save_options, built.load_options)
+        self.checkpointer = Checkpointer(cfg, env.rank, env.device, built.save_options, built.load_options)
         self.stop_flag = StopFlag(env.device)
 
     # -- the loop ------------------------------------------------------------------------------------------------
