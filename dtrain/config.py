@@ -11,11 +11,14 @@ import os
 import string
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -302,6 +305,29 @@ def apply_override(raw: dict, item: str) -> list[str]:
     except yaml.YAMLError:
         node[parts[-1]] = value
     return []
+
+
+def load_typed(tp: type[T], path: str | os.PathLike, validate: Callable[[T], list[str]] | None = None) -> T:
+    """Any YAML file -> dataclass `tp` with the same rules as run configs: types checked, unknown keys rejected,
+    then `validate(obj)` for cross-field problems; raises one ConfigError listing every problem (used for the
+    Slurm cluster profiles)."""
+    source = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError([f"cannot read: {e.strerror}"], source) from e
+    except yaml.YAMLError as e:
+        raise ConfigError([f"invalid YAML: {e}"], source) from e
+    problems: list[str] = []
+    obj = _convert(tp, raw, "", problems)
+    if validate is not None:
+        try:
+            problems += validate(obj)
+        except TypeError:  # a value of the wrong type, already reported by the conversion
+            pass
+    if problems:
+        raise ConfigError(problems, source)
+    return obj
 
 
 def _describe(value: Any) -> str:

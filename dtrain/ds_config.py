@@ -9,7 +9,6 @@ from dtrain.layout import BatchLayout
 
 
 def build_deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = False) -> dict[str, Any]:
-    ds = cfg.deepspeed
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,

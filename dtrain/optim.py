@@ -9,7 +9,7 @@ from dtrain.config import TrainConfig
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Biases and norm weights (1-D) are not decayed. Under ZeRO-3 a parameter's own shape is gone; ds_shape keeps it."""
+    """Biases and norm weights (1-D) are not decayed. Under ZeRO-3 a parameter's shape is gone; ds_shape keeps it."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:

@@ -8,10 +8,13 @@ samples among ranks and micro batches depends on the layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
+
+from dtrain.data.grouping import group_by_length
 
 
 @lru_cache(maxsize=2)
@@ -20,11 +23,21 @@ def epoch_permutation(seed: int, epoch: int, num_samples: int) -> tuple[int, ...
     return tuple(torch.randperm(num_samples, generator=generator).tolist())
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataOrder:
     num_samples: int
     global_batch_size: int
     seed: int
+    lengths: Sequence[int] | None = None
+    """Sample lengths for length-grouped batches (data.group_by_length, packing off); None: a plain permutation."""
+    _cached: tuple[int, Sequence[int]] | None = field(default=None, repr=False)
+
+    def epoch_order(self, epoch: int) -> Sequence[int]:
+        if self.lengths is None:
+            return epoch_permutation(self.seed, epoch, self.num_samples)
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, group_by_length(self.lengths, self.global_batch_size, self.seed, epoch))
+        return self._cached[1]
 
     @property
     def steps_per_epoch(self) -> int:
@@ -35,8 +48,7 @@ class DataOrder:
         """The global batch that starts at global sample count `samples_seen` (a multiple of the batch size)."""
         per_epoch = self.steps_per_epoch * self.global_batch_size
         epoch, offset = divmod(samples_seen, per_epoch)
-        permutation = epoch_permutation(self.seed, epoch, self.num_samples)
-        return list(permutation[offset : offset + self.global_batch_size])
+        return list(self.epoch_order(epoch)[offset : offset + self.global_batch_size])
 
     def epoch_of(self, samples_seen: int) -> int:
         return samples_seen // (self.steps_per_epoch * self.global_batch_size)

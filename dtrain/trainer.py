@@ -42,7 +42,8 @@ class Trainer:
         self.layout = BatchLayout.from_config(cfg.train, env.world_size, saved.global_batch_size if saved else None)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
         self.data: PreparedData = prepare_data(cfg, self.tokenizer, rank=env.rank, world_size=env.world_size)
-        self.order = DataOrder(len(self.data.train), self.layout.global_batch_size, cfg.train.seed)
+        lengths = self.data.train.lengths if cfg.data.group_by_length else None
+        self.order = DataOrder(len(self.data.train), self.layout.global_batch_size, cfg.train.seed, lengths)
         if self.order.steps_per_epoch == 0:
             raise ValueError(
                 f"the training data has {len(self.data.train)} sequences, fewer than one global batch "
@@ -101,7 +102,9 @@ class Trainer:
         label_tokens = sum(self.data.train.num_label_tokens(i) for i in step_samples)
         scale = label_tokens / (self.layout.gradient_accumulation_steps * self.layout.world_size)
         loss_sum = torch.zeros((), device=self.env.device)
-        micro_batches = rank_micro_batches(step_samples, self.env.rank, self.layout.world_size, self.layout.micro_batch_size)
+        micro_batches = rank_micro_batches(
+            step_samples, self.env.rank, self.layout.world_size, self.layout.micro_batch_size
+        )
         for indices in micro_batches:
             batch = self._batch(self.data.train, indices)
             loss = self.engine(**batch, num_items_in_batch=torch.tensor(scale, device=self.env.device)).loss
@@ -109,7 +112,7 @@ class Trainer:
             self.engine.step()
             loss_sum += loss.detach().float() * scale
         dist.all_reduce(loss_sum)
-        tokens = sum(len(self.data.train[i]["input_ids"]) for i in step_samples)
+        tokens = int(sum(self.data.train.lengths[i] for i in step_samples))
         return loss_sum.item() / max(1, label_tokens), tokens
 
     @torch.no_grad()
@@ -156,7 +159,9 @@ class Trainer:
     def _batch(self, samples: Any, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = [samples[i] for i in indices]
         batch = collate(rows, self.tokenizer.pad_token_id, self.cfg.data.seq_len, self.cfg.data.packing)
-        return {k: v.to(self.env.device) for k, v in batch.items()}
+        # No KV cache in training: with one, transformers ignores packed position_ids and documents attend to
+        # each other.
+        return {**{k: v.to(self.env.device) for k, v in batch.items()}, "use_cache": False}
 
     def _scalars(self, loss: float, tokens: int, elapsed: float) -> dict[str, float]:
         grad_norm = self.engine.get_global_grad_norm()

@@ -26,6 +26,7 @@ def write_config(path: Path, tiny_model: Path, base: str = "configs/tiny-full-ze
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
@@ -39,7 +40,9 @@ def run_dtrain(*args: str, timeout: float = 600, check: bool = True) -> subproce
         dtrain_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=dict(os.environ)
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"dtrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"dtrain {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 

@@ -17,10 +17,9 @@ import torch
 
 from dtrain.checkpoint import complete_checkpoints
 from dtrain.metrics import read_metrics
-from tests.helpers import REPO, consolidated, dtrain_cmd, run_dtrain, write_config
-
 from tests.helpers import FULL_OVERRIDES as OVERRIDES
 from tests.helpers import FULL_STEPS as STEPS
+from tests.helpers import REPO, consolidated, dtrain_cmd, run_dtrain, write_config
 
 
 @pytest.fixture(scope="module")

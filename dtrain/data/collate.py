@@ -1,0 +1,46 @@
+"""Batching samples into tensors.
+
+With packing, every row is padded to seq_len and NO attention_mask is returned: transformers (5.x,
+`masking_utils.find_packed_sequence_indices`) then derives a block-diagonal causal mask from position_ids that
+restart at 0, for eager and sdpa, and flash_attention_2 takes its varlen path from the same position_ids. The
+padding tail gets its own positions 0, 1, ... so it forms a separate "document" that no real token attends to.
+The model must be called with `use_cache=False`: with a KV cache present transformers skips the packed-sequence
+detection and documents silently attend to each other (the default config has use_cache=True).
+
+Without packing, rows are padded to the longest row of the batch and an attention_mask marks the real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dtrain.data.formats import IGNORE
+
+
+def collate(
+    samples: list[dict[str, list[int]]], pad_token_id: int | None, seq_len: int, packing: bool
+) -> dict[str, torch.Tensor]:
+    """input_ids, labels, position_ids (and attention_mask without packing) as LongTensor [B, T]."""
+    if pad_token_id is None:  # e.g. Llama 3 has no pad token; padding is never attended nor trained, any id works
+        pad_token_id = 0
+    if not samples:
+        raise ValueError("collate: empty batch")
+    width = seq_len if packing else max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+    # Padding positions count from 0: a fresh document when packed; harmless (masked) when not.
+    position_ids = torch.arange(width, dtype=torch.long).repeat(len(samples), 1)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        if n > width:
+            raise ValueError(f"collate: sample of {n} tokens exceeds seq_len {seq_len}")
+        input_ids[row, :n] = torch.tensor(sample["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.tensor(sample["labels"], dtype=torch.long)
+        position_ids[row, :n] = torch.tensor(sample["position_ids"], dtype=torch.long)
+        position_ids[row, n:] = torch.arange(width - n, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if not packing:
+        batch["attention_mask"] = attention_mask
+    return batch

@@ -1,0 +1,218 @@
+"""Files -> tokenized examples -> eval split -> mixture -> packed `Samples`, cached on disk.
+
+    prepared = prepare_data(cfg, tokenizer, rank=rank, world_size=world_size)
+    prepared.train[i]  # {"input_ids", "labels", "position_ids"}, at most seq_len tokens, unpadded
+
+Eval split: with `data.eval_datasets` those files are the eval data; otherwise, with `data.eval_fraction` > 0,
+round(fraction x examples) of each training dataset's examples are held out, chosen by a seeded permutation
+(train.seed, dataset index) before the mixture and before packing, so no eval example is ever trained on.
+
+Mixture: each training dataset gets round(N x weight_i / sum of weights) examples, where N is the total number of
+training examples of all datasets: whole copies of the dataset, plus a seeded random subset for the fraction. So
+weights are shares of examples (not tokens) and the epoch keeps its natural size; a single dataset is used as is.
+With several datasets, default (equal) weights give them equal shares: the report shows how many examples of each
+were used. The result is fixed at preparation: `Samples` already reflects the mixture, the trainer only orders it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dtrain.data.cache import DONE_FILE, build_once, cache_key, cache_root
+from dtrain.data.errors import DataError, RowError
+from dtrain.data.formats import IGNORE, Example, chat_example, instruction_example, text_example
+from dtrain.data.packing import best_fit_decreasing
+from dtrain.data.readers import read_rows
+from dtrain.data.report import DatasetReport, PrepareReport, SplitReport
+from dtrain.data.samples import Samples
+
+
+@dataclass
+class PreparedData:
+    train: Samples
+    eval: Samples | None
+    report: PrepareReport
+
+
+def prepare_data(cfg, tokenizer, *, rank: int, world_size: int) -> PreparedData:
+    """Tokenize and pack once (rank 0, cached on disk); every rank then loads the cache memory-mapped.
+
+    world_size is accepted for symmetry with the trainer; the split across ranks is the trainer's (global order).
+    """
+    folder = cache_root(cfg) / cache_key(cfg, tokenizer)
+    hit = build_once(folder, lambda tmp: write_prepared(tmp, *build_prepared(cfg, tokenizer)), rank)
+    prepared = load_prepared(folder)
+    prepared.report.cache_hit = hit
+    return prepared
+
+
+def prepare_command(cfg) -> str:
+    """`dtrain prepare CFG`: prepare ahead of time (e.g. on a login node) and return the report text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    return str(prepare_data(cfg, tokenizer, rank=0, world_size=1).report)
+
+
+def write_prepared(folder: Path, train: Samples, eval_samples: Samples | None, report: PrepareReport) -> None:
+    train.save(folder, "train")
+    if eval_samples is not None:
+        eval_samples.save(folder, "eval")
+    report.cache_path = str(folder.with_name(folder.name.split(".tmp-")[0]))
+    (folder / DONE_FILE).write_text(json.dumps(report.to_dict(), indent=1))  # last: marks the folder complete
+
+
+def load_prepared(folder: Path) -> PreparedData:
+    report = PrepareReport.from_dict(json.loads((folder / DONE_FILE).read_text()))
+    eval_samples = Samples.load(folder, "eval") if report.eval is not None else None
+    return PreparedData(Samples.load(folder, "train"), eval_samples, report)
+
+
+def build_prepared(cfg, tokenizer) -> tuple[Samples, Samples | None, PrepareReport]:
+    started = time.time()
+    data, seed = cfg.data, cfg.train.seed
+    report = PrepareReport(seq_len=data.seq_len, packing=data.packing)
+    chat_template = resolve_chat_template(cfg, tokenizer)
+    train_sets = []
+    for ds in data.datasets:
+        examples, ds_report = tokenize_dataset(ds, data, tokenizer, chat_template)
+        train_sets.append(examples)
+        report.datasets.append(ds_report)
+    eval_examples: list[Example] = []
+    if data.eval_datasets:
+        for ds in data.eval_datasets:
+            examples, ds_report = tokenize_dataset(ds, data, tokenizer, chat_template)
+            ds_report.eval_examples = len(examples)
+            eval_examples += examples
+            report.eval_datasets.append(ds_report)
+    elif data.eval_fraction > 0:
+        for index, ds_report in enumerate(report.datasets):
+            train_sets[index], held_out = split_eval(train_sets[index], data.eval_fraction, seed, index)
+            ds_report.eval_examples = len(held_out)
+            eval_examples += held_out
+    train_examples = mix(train_sets, [ds.weight for ds in data.datasets], seed, report.datasets)
+    train = to_samples(train_examples, data.seq_len, data.packing)
+    report.train = split_report(train, len(train_examples), data.seq_len)
+    eval_samples = to_samples(eval_examples, data.seq_len, data.packing) if eval_examples else None
+    if eval_samples is not None:
+        report.eval = split_report(eval_samples, len(eval_examples), data.seq_len)
+    report.seconds = time.time() - started
+    return train, eval_samples, report
+
+
+def resolve_chat_template(cfg, tokenizer) -> str | None:
+    """The configured template wins; else the tokenizer's; a chat dataset with neither is a clear error."""
+    needs_chat = any(ds.format == "chat" for ds in cfg.data.datasets + cfg.data.eval_datasets)
+    template = cfg.data.chat_template or getattr(tokenizer, "chat_template", None)
+    if needs_chat and not template:
+        raise DataError(
+            f"tokenizer {cfg.tokenizer_path or '(given)'} has no chat template, and format: chat needs one: "
+            "set data.chat_template to a Jinja template (see dtrain.tiny.CHAT_TEMPLATE for ChatML)"
+        )
+    if isinstance(template, dict):  # some tokenizers carry several named templates
+        template = template.get("default") or next(iter(template.values()))
+    return template if needs_chat else None
+
+
+def tokenize_dataset(ds, data, tokenizer, chat_template: str | None) -> tuple[list[Example], DatasetReport]:
+    report = DatasetReport(path=str(ds.path), format=ds.format, weight=ds.weight)
+    examples, skipped, dropped = [], Counter(), Counter()
+    for where, row in read_rows(ds.path):
+        report.rows += 1
+        try:
+            if isinstance(row, RowError):
+                raise row
+            example = make_row_example(row, ds, data, tokenizer, chat_template)
+        except RowError as e:
+            if data.on_bad_row == "error":
+                raise DataError(f"{where}: {e.detail}  (set data.on_bad_row: skip to skip such rows)") from None
+            skipped[e.reason] += 1
+            report.first_skipped.setdefault(e.reason, f"{where}: {e.detail}")
+            continue
+        fitted, action = fit_to_seq_len(example, data.seq_len, data.overlong)
+        if action == "dropped":
+            dropped["longer than seq_len"] += 1
+            continue
+        if action:  # truncated or split
+            setattr(report, action, getattr(report, action) + 1)
+        if not fitted:
+            dropped["nothing to train on" + (" after truncation" if action else "")] += 1
+            continue
+        examples += fitted
+    report.examples, report.skipped, report.dropped = len(examples), dict(skipped), dict(dropped)
+    return examples, report
+
+
+def fit_to_seq_len(example: Example, seq_len: int, overlong: str) -> tuple[list[Example], str | None]:
+    """The example(s) to keep, and what was done: None, "truncated", "split" or "dropped" (a report counter).
+
+    An example that ends up with no trained token (e.g. a chat whose only reply was cut off) is not kept.
+    """
+    action = None
+    pieces = [example]
+    if len(example) > seq_len:
+        if overlong == "drop":
+            return [], "dropped"
+        if overlong == "truncate":
+            action, pieces = "truncated", [Example(example.input_ids[:seq_len], example.labels[:seq_len])]
+        else:
+            action, pieces = "split", [_chunk(example, a, a + seq_len) for a in range(0, len(example), seq_len)]
+    return [p for p in pieces if p.num_label_tokens > 0], action
+
+
+def _chunk(example: Example, start: int, end: int) -> Example:
+    labels = example.labels[start:end].copy()
+    labels[0] = IGNORE  # a chunk is a document of its own: nothing predicts its first token
+    return Example(example.input_ids[start:end], labels)
+
+
+def make_row_example(row, ds, data, tokenizer, chat_template: str | None) -> Example:
+    if ds.format == "text":
+        return text_example(row, ds, tokenizer)
+    if ds.format == "instruction":
+        return instruction_example(row, ds, tokenizer, data.instruction_template)
+    return chat_example(row, ds, tokenizer, chat_template)
+
+
+def split_eval(examples: list[Example], fraction: float, seed: int, index: int):
+    """(train, held_out): round(fraction x n) examples held out by a permutation seeded by (seed, index)."""
+    n_eval = int(round(fraction * len(examples)))
+    chosen = set(np.random.default_rng([seed, index, 0xE7A1]).permutation(len(examples))[:n_eval].tolist())
+    train = [e for i, e in enumerate(examples) if i not in chosen]
+    held_out = [e for i, e in enumerate(examples) if i in chosen]
+    return train, held_out
+
+
+def mix(sets: list[list[Example]], weights: list[float], seed: int, reports: list[DatasetReport]) -> list[Example]:
+    """Resample each dataset to its share of the total (see the module docstring)."""
+    total, weight_sum = sum(len(s) for s in sets), sum(weights)
+    out: list[Example] = []
+    for index, (examples, weight, report) in enumerate(zip(sets, weights, reports, strict=True)):
+        target = len(examples) if len(sets) == 1 else int(round(total * weight / weight_sum))
+        if not examples:
+            raise DataError(f"{report.path}: no usable training examples (see the skipped/dropped counts)")
+        copies, extra = divmod(target, len(examples))
+        subset = np.sort(np.random.default_rng([seed, index, 0x313C]).permutation(len(examples))[:extra])
+        out += examples * copies + [examples[i] for i in subset.tolist()]
+        report.train_examples = target
+    return out
+
+
+def to_samples(examples: list[Example], seq_len: int, packing: bool) -> Samples:
+    if packing:
+        groups = best_fit_decreasing([len(e) for e in examples], seq_len)
+    else:
+        groups = [[i] for i in range(len(examples))]
+    return Samples.from_groups(examples, groups)
+
+
+def split_report(samples: Samples, examples: int, seq_len: int) -> SplitReport:
+    tokens = samples.num_tokens
+    fill = tokens / (len(samples) * seq_len) if len(samples) else 0.0
+    return SplitReport(examples, len(samples), tokens, samples.total_label_tokens, round(fill, 6))
