@@ -106,8 +106,8 @@ class Checkpointer:
         if (final / STATE_FILE).is_file():  # a resumed run reaching a step it already saved
             return final
         tmp = self.directory / f".tmp-{final.name}"
+        self.directory.mkdir(parents=True, exist_ok=True)  # on every rank: each one checks its free space
         if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
             self._clear_partial()
         self._check_space(engine, final.name)
         try:
@@ -162,7 +162,10 @@ class Checkpointer:
 
     def load(self, engine: Any, checkpoint: Path, tag: str = ENGINE_TAG) -> Progress:
         load_path, _ = engine.load_checkpoint(
-            str(checkpoint), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+            str(checkpoint),
+            tag=tag,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
             **self.load_options,
         )
         if load_path is None:

@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from dtrain.config import Config, ConfigError, load_config
+from dtrain_launch.export_cmd import add_export_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,13 +17,26 @@ def main(argv: list[str] | None = None) -> int:
 
     check = commands.add_parser("check", help="validate a config and print the resolved plan; launches nothing")
     _config_args(check)
-    check.add_argument("--nproc", type=int, default=1, help="ranks the run will have (for batch arithmetic)")
+    check.add_argument("--nproc", type=int, default=None, help="ranks per node (default: --gpus-per-node, or 1)")
+    _hardware_args(check, required=False)
+    check.add_argument("--allow-no-fit", action="store_true", help="report a run that cannot fit, but pass")
     check.set_defaults(handler=cmd_check)
+
+    plan = commands.add_parser("plan", help="memory per GPU / node / NVMe for this run and its alternatives")
+    _config_args(plan)
+    _hardware_args(plan, required=True)
+    plan.set_defaults(handler=cmd_plan)
+
+    prepare = commands.add_parser("prepare", help="tokenize and pack the data into the cache ahead of time")
+    _config_args(prepare)
+    prepare.set_defaults(handler=cmd_prepare)
 
     train = commands.add_parser("train", help="validate, then run torchrun on this machine")
     _config_args(train)
     train.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this machine")
     train.set_defaults(handler=cmd_train)
+
+    add_export_parser(commands)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random Llama model + tokenizer (for smoke tests)")
     tiny.add_argument("out", help="output directory")
@@ -41,6 +55,29 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
 
+def _hardware_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--nodes", type=int, default=1, help="nodes")
+    parser.add_argument("--gpus-per-node", type=int, required=required, help="GPUs (ranks) per node")
+    parser.add_argument("--gpu-mem", required=required, help="memory of one GPU, e.g. 80GB")
+    parser.add_argument("--cpu-mem", required=required, help="CPU RAM of one node, e.g. 1TB")
+    parser.add_argument("--nvme", default=None, help="local NVMe per node, e.g. 3.5TB (enables NVMe offload options)")
+
+
+def _hardware(args: argparse.Namespace):
+    from dtrain.plan import Hardware, parse_size
+
+    if args.gpus_per_node is None:
+        return None
+    missing = [flag for flag in ("gpu_mem", "cpu_mem") if getattr(args, flag) is None]
+    if missing:
+        raise ConfigError([f"--{m.replace('_', '-')}: required with --gpus-per-node" for m in missing])
+    try:
+        nvme = parse_size(args.nvme) if args.nvme else None
+        return Hardware(args.nodes, args.gpus_per_node, parse_size(args.gpu_mem), parse_size(args.cpu_mem), nvme)
+    except ValueError as e:
+        raise ConfigError([f"hardware: {e}"]) from e
+
+
 def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
@@ -51,7 +88,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     from dtrain.layout import BatchLayout
 
     cfg = _load(args)
-    layout = BatchLayout.from_config(cfg.train, args.nproc)
+    hardware = _hardware(args)
+    per_node = args.nproc or (hardware.gpus_per_node if hardware else 1)
+    layout = BatchLayout.from_config(cfg.train, per_node * args.nodes)
+    fit = _fit_report(cfg, layout, hardware)
     ds = cfg.deepspeed
     print(f"{args.config}: OK")
     print(f"  strategy     {cfg.strategy}; model {cfg.model.path}; precision {cfg.train.precision}")
@@ -70,8 +110,44 @@ def cmd_check(args: argparse.Namespace) -> int:
         start = f"REFUSED: {e}"
     print(f"  checkpoints  {cfg.checkpoint_dir} every {cfg.checkpoint.every_steps} steps; {start}")
     print(f"  tensorboard  {cfg.tensorboard_dir}")
+    print(f"  memory       {fit[0] if fit else 'not checked (give --gpus-per-node --gpu-mem --cpu-mem)'}")
+    for line in fit[1:]:
+        print(f"               {line}")
     print("  deepspeed config:")
     print("    " + json.dumps(build_deepspeed_config(cfg, layout), indent=2).replace("\n", "\n    "))
+    if fit and fit[0] != "fits" and not args.allow_no_fit:
+        print(f"dtrain check: the run cannot fit: {'; '.join(fit[1:])} (--allow-no-fit to pass)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _fit_report(cfg: Config, layout, hardware) -> list[str]:
+    """[] when no hardware was given; ["fits"] or ["does NOT fit", problem, ...]."""
+    if hardware is None:
+        return []
+    from dtrain.plan import fit_problems
+
+    problems = fit_problems(cfg, layout, hardware)
+    return ["fits"] if not problems else ["does NOT fit", *problems]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dtrain.plan import plan_command
+
+    cfg = _load(args)
+    hw = _hardware(args)
+    print(plan_command(cfg, hw.nodes, hw.gpus_per_node, hw.gpu_mem_bytes, hw.cpu_mem_bytes, hw.nvme_bytes))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from dtrain.data import DataError, prepare_command
+
+    try:
+        print(prepare_command(_load(args)))
+    except DataError as e:
+        print(f"dtrain prepare: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dtrain_launch.cli import main
 
 from dtrain.config import ConfigError, load_config
-from dtrain_launch.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
@@ -119,3 +119,15 @@ def test_malformed_yaml_names_the_line(tmp_path):
     path.write_text("train:\n  lr: 1\n   max_steps: 3\n")
     with pytest.raises(ConfigError, match="line 3"):
         load_config(path)
+
+
+def test_check_refuses_a_run_that_cannot_fit(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    cfg = "configs/llama3-70b-full-zero3-offload.yaml"
+    hardware = ["--gpus-per-node", "8", "--gpu-mem", "80GB", "--cpu-mem", "1TB"]
+    assert main(["check", cfg, "--nodes", "4", *hardware]) == 0
+    assert "memory       fits" in capsys.readouterr().out
+    assert main(["check", cfg, "--nodes", "1", *hardware]) == 2
+    err = capsys.readouterr().err
+    assert "the run cannot fit" in err and "CPU RAM per node" in err
+    assert main(["check", cfg, "--nodes", "1", *hardware, "--allow-no-fit"]) == 0

@@ -156,9 +156,10 @@ def test_nf4_bytes_equal_bitsandbytes(tmp_path, double_quant):
         if state is None:
             dense += param.numel()
             continue
-        quantized += param.numel() * param.element_size() + sum(
-            t.numel() * t.element_size() for t in state.as_dict(packed=False).values() if isinstance(t, torch.Tensor)
-        )
+        tensors = [param, state.absmax, state.code]
+        if state.nested:
+            tensors += [state.state2.absmax, state.state2.code, state.offset]
+        quantized += sum(t.numel() * t.element_size() for t in tensors)
     counts = param_counts(ModelShape.from_hf_config(config.to_dict()), "qlora", LoraConfig(r=1), quant)
     assert counts.quantized_bytes == quantized
     assert counts.frozen == dense
@@ -235,6 +236,7 @@ ACTIVATION_CASES = {
     "eager-gqa": ("eager", False, None),
     "eager-gqa-checkpointing": ("eager", True, None),
     "sdpa-lora": ("sdpa", False, ["q_proj", "v_proj"]),
+    "sdpa-lora-all-linear-checkpointing": ("sdpa", True, "all-linear"),
 }
 
 
@@ -256,13 +258,14 @@ def test_activation_formula_matches_cpu_peak(case):
         from peft import get_peft_model
 
         model = get_peft_model(model, PeftLoraConfig(r=8, lora_dropout=0.05, target_modules=targets))
-    batch, seq_len = 2, 256
+        if checkpointing:
+            model.enable_input_require_grads()  # checkpointed frozen layers need an input that requires grad
+    batch, seq_len = 2, 128
     measured = cpu_step_peak(model, torch.randint(0, config.vocab_size, (batch, seq_len)))
     shape = ModelShape.from_hf_config(config.to_dict())
     adapters = lora_targets(shape, targets) if targets else None
     predicted = activation_bytes(shape, seq_len, batch, checkpointing, attn, 2, adapters, lora_r=8)
-    # exact within 3 %; for LoRA an upper bound (frozen layers keep less)
-    assert 0.97 * measured <= predicted <= (1.1 if targets else 1.03) * measured
+    assert predicted == pytest.approx(measured, rel=0.03)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,7 +295,8 @@ def test_shipped_configs_load():
     assert qlora.data.datasets[0].format == "chat" and qlora.data.seq_len == 2048
 
 
-def test_plan_for_70b_full_on_4x8x80gb():
+def test_plan_for_70b_full_on_4x8x80gb(monkeypatch):
+    monkeypatch.chdir(REPO)  # model.path in the shipped configs is relative to the repository
     cfg = load_config(FULL_70B, check_paths=False)
     text = plan_command(cfg, 4, 8, parse_size("80GB"), parse_size("1TB"))
     assert "70,553,706,496 parameters" in text
@@ -304,21 +308,23 @@ def test_plan_for_70b_full_on_4x8x80gb():
     assert "* full" in text and ">full" in text
 
 
-def test_plan_for_8b_qlora_on_one_24gb_gpu():
+def test_plan_for_8b_qlora_on_one_24gb_gpu(monkeypatch):
+    monkeypatch.chdir(REPO)  # model.path in the shipped configs is relative to the repository
     cfg = load_config(QLORA_8B, check_paths=False)
     text = plan_command(cfg, 1, 1, parse_size("24GB"), parse_size("64GB"))
     assert "trainable  13,631,488" in text
     assert "verdict: fits" in text and "cheapest that fits: the configuration as it is" in text
 
 
-def test_fit_problems():
+def test_fit_problems(monkeypatch):
+    monkeypatch.chdir(REPO)  # model.path in the shipped configs is relative to the repository
     cfg = load_config(FULL_70B, check_paths=False)
     four_nodes = Hardware(4, 8, parse_size("80GB"), parse_size("1TB"))
     assert fit_problems(cfg, BatchLayout.from_config(cfg.train, 32), four_nodes) == []
     # One node: 70B of fp32 optimizer state and gradients do not fit 1 TB of CPU RAM.
     one_node = Hardware(1, 8, parse_size("80GB"), parse_size("1TB"))
     problems = fit_problems(cfg, BatchLayout.from_config(cfg.train, 8), one_node)
-    assert problems[0].startswith("CPU RAM per node: needs 1.9")
+    assert problems[0] == "CPU RAM per node: 1.93 TB needed, 1.00 TB available (929 GB short)"
     assert "cheapest configuration that fits: lora, ZeRO-3" in problems[-1]
     assert "ranks but the hardware has" in fit_problems(cfg, BatchLayout(1, 2, 16), four_nodes)[0]
 

@@ -66,10 +66,10 @@ def test_zero3_shards_hold_a_part_of_every_parameter_on_each_rank(reference):
     assert sum(per_rank) >= total
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while max(read_metrics(run_dir), default=0) < step:
-        assert proc.poll() is None, f"run ended before step {step}"
+        assert proc.poll() is None, f"run ended before step {step}:\n{log.read_text()[-5000:]}"
         assert time.monotonic() < deadline, f"step {step} not reached in {timeout}s"
         time.sleep(0.05)
 
@@ -78,8 +78,10 @@ def test_kill9_of_a_rank_then_same_command_resumes_exactly(tmp_path, tiny_model,
     config = write_config(tmp_path / "cfg.yaml", tiny_model)
     kill_after = random.Random(os.environ.get("DTRAIN_TEST_SEED")).randint(5, STEPS - 2)
     cmd = dtrain_cmd("train", str(config), *OVERRIDES, "--nproc", "2")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_step(tmp_path / "run", kill_after, proc)
+    log = tmp_path / "first-launch.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    _wait_for_step(tmp_path / "run", kill_after, proc, log)
     victim = random.choice(psutil.Process(proc.pid).children())
     victim.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=120) != 0
