@@ -56,10 +56,17 @@ def convert(checkpoint: Path) -> None:
     staging.mkdir()
     proc = subprocess.run(
         [
-            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder", str(checkpoint / ENGINE_TAG),
-            "--output_folder", str(staging / UNIVERSAL_TAG),
-            "--num_extract_workers", "1", "--num_merge_workers", "1",
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(checkpoint / ENGINE_TAG),
+            "--output_folder",
+            str(staging / UNIVERSAL_TAG),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
         ],  # fmt: skip
         capture_output=True,
         text=True,

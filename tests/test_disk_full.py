@@ -22,7 +22,9 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_path, tiny_model, small_fs, full_reference):
+def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(
+    tmp_path, tiny_model, small_fs, full_reference
+):
     config = write_config(tmp_path / "cfg.yaml", tiny_model, **{"checkpoint.dir": str(small_fs / "ckpt")})
     failed = run_dtrain("train", str(config), *FULL_OVERRIDES, "--nproc", "2", check=False)
     assert failed.returncode != 0

@@ -37,7 +37,11 @@ def test_every_combination_is_concrete_and_valid(stage, opt, param):
     cfg = make_cfg(stage, opt, param)
     ds = build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, world_size=4))
     assert '"auto"' not in json.dumps(ds)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 24)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        2,
+        3,
+        24,
+    )
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage
     assert zero.get("offload_optimizer", {}).get("device", "none") == opt

@@ -21,7 +21,9 @@ from tests.helpers import FULL_OVERRIDES, FULL_STEPS, consolidated, run_dtrain, 
 
 
 @pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2)])
-def test_resume_on_other_world_size_matches_uninterrupted_run(tmp_path, tiny_model, full_reference, saved_on, resumed_on):
+def test_resume_on_other_world_size_matches_uninterrupted_run(
+    tmp_path, tiny_model, full_reference, saved_on, resumed_on
+):
     source = full_reference(saved_on) / "checkpoints" / "step-00000004"
     ckpts = tmp_path / "run" / "checkpoints"
     shutil.copytree(source, ckpts / source.name)
