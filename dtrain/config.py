@@ -7,6 +7,7 @@ at once, so a user fixes a config in one pass, before any process is launched.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import string
 import types
@@ -603,3 +604,47 @@ def _validate_checkpoint(ckpt: CheckpointConfig, ev: EvalConfig, log: LoggingCon
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference in README.md is generated from the field docstrings above: `python -m dtrain.config`.
+
+
+def reference_markdown() -> str:
+    """One table row per config key: dotted key, default, meaning (the docstring under the field)."""
+    import ast
+    import inspect
+
+    docs: dict[tuple[str, str], str] = {}
+    for node in ast.parse(inspect.getsource(inspect.getmodule(Config))).body:
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            for field_node, doc in zip(body, body[1:]):
+                if isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr):
+                    docs[(node.name, field_node.target.id)] = " ".join(str(doc.value.value).split())
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+                continue
+            if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+                default = []
+            if isinstance(default, str):
+                shown = json.dumps(default)
+            else:
+                shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {docs.get((cls.__name__, f.name), '')} |")
+
+    walk(Config, "")
+    dataset_rows = ["", "Each entry of `data.datasets` / `data.eval_datasets`:", "", rows[0], rows[1]]
+    rows_before = len(rows)
+    walk(DatasetConfig, "")
+    dataset_rows += rows[rows_before:]
+    return "\n".join(rows[:rows_before] + dataset_rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

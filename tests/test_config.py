@@ -131,3 +131,11 @@ def test_check_refuses_a_run_that_cannot_fit(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "the run cannot fit" in err and "CPU RAM per node" in err
     assert main(["check", cfg, "--nodes", "1", *hardware, "--allow-no-fit"]) == 0
+
+
+def test_readme_config_reference_is_current():
+    from dtrain.config import reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
+    assert block == reference_markdown(), "README config reference is stale: regenerate with python -m dtrain.config"
