@@ -105,7 +105,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     )
     try:
         resume = resolve_resume(cfg)
-        start = f"resume from {resume}" if resume else "start from scratch"
+        start = _resume_plan(cfg, resume, layout) if resume else "start from scratch"
     except (FileExistsError, FileNotFoundError) as e:
         start = f"REFUSED: {e}"
     print(f"  checkpoints  {cfg.checkpoint_dir} every {cfg.checkpoint.every_steps} steps; {start}")
@@ -119,6 +119,27 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"dtrain check: the run cannot fit: {'; '.join(fit[1:])} (--allow-no-fit to pass)", file=sys.stderr)
         return 2
     return 0
+
+
+def _resume_plan(cfg: Config, checkpoint, layout) -> str:
+    """What resuming `checkpoint` on this layout will do; raises ConfigError if the global batch cannot be kept."""
+    from dtrain.checkpoint import read_progress
+    from dtrain.layout import BatchLayout
+    from dtrain.reshard import UNIVERSAL_TAG, needs_universal
+
+    saved = read_progress(checkpoint)
+    text = f"resume from {checkpoint} (step {saved.step}, sample {saved.samples_seen})"
+    if saved.world_size == layout.world_size:
+        return text
+    kept = BatchLayout.from_config(cfg.train, layout.world_size, saved.global_batch_size)
+    text += (
+        f"; saved on {saved.world_size} ranks, resumed on {kept.world_size}: global batch {kept.global_batch_size} "
+        f"kept with {kept.gradient_accumulation_steps} accumulation steps"
+    )
+    if needs_universal(saved, layout.world_size, cfg.deepspeed.stage):
+        cached = (checkpoint / UNIVERSAL_TAG).is_dir()
+        text += "; universal checkpoint " + ("cached" if cached else "converted once at start")
+    return text
 
 
 def _fit_report(cfg: Config, layout, hardware) -> list[str]:

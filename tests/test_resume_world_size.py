@@ -28,6 +28,11 @@ def test_resume_on_other_world_size_matches_uninterrupted_run(
     ckpts = tmp_path / "run" / "checkpoints"
     shutil.copytree(source, ckpts / source.name)
     config = write_config(tmp_path / "cfg.yaml", tiny_model)
+    check = run_dtrain("check", str(config), *FULL_OVERRIDES, "--nproc", str(resumed_on)).stdout
+    assert f"saved on {saved_on} ranks, resumed on {resumed_on}: global batch 8 kept" in check
+    assert "universal checkpoint converted once at start" in check
+    refused = run_dtrain("check", str(config), *FULL_OVERRIDES, "--nproc", "3", check=False)
+    assert refused.returncode == 2 and "global batch 8 is not a multiple" in refused.stderr
 
     out = run_dtrain("train", str(config), *FULL_OVERRIDES, "--nproc", str(resumed_on))
     log = out.stdout + out.stderr
