@@ -9,6 +9,7 @@ import sys
 
 from dtrain.config import Config, ConfigError, load_config
 from dtrain_launch.export_cmd import add_export_parser
+from dtrain_launch.submit_cmd import add_submit_parsers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(handler=cmd_train)
 
     add_export_parser(commands)
+    add_submit_parsers(commands)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random Llama model + tokenizer (for smoke tests)")
     tiny.add_argument("out", help="output directory")
