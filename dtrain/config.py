@@ -619,7 +619,7 @@ def reference_markdown() -> str:
     for node in ast.parse(inspect.getsource(inspect.getmodule(Config))).body:
         if isinstance(node, ast.ClassDef):
             body = node.body
-            for field_node, doc in zip(body, body[1:]):
+            for field_node, doc in zip(body, body[1:], strict=False):
                 if isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr):
                     docs[(node.name, field_node.target.id)] = " ".join(str(doc.value.value).split())
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]

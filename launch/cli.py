@@ -7,9 +7,11 @@ import json
 import shlex
 import sys
 
-from dtrain.config import Config, ConfigError, load_config
 from dtrain_launch.export_cmd import add_export_parser
 from dtrain_launch.submit_cmd import add_submit_parsers
+from dtrain_launch.validate import fit_report, load_for_launch, resume_plan
+
+from dtrain.config import Config, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,11 +83,10 @@ def _hardware(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    return load_for_launch(args.config, args.overrides, getattr(args, "nodes", 1))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from dtrain.checkpoint import resolve_resume
     from dtrain.ds_config import build_deepspeed_config
     from dtrain.layout import BatchLayout
 
@@ -93,7 +94,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     hardware = _hardware(args)
     per_node = args.nproc or (hardware.gpus_per_node if hardware else 1)
     layout = BatchLayout.from_config(cfg.train, per_node * args.nodes)
-    fit = _fit_report(cfg, layout, hardware)
+    fit = fit_report(cfg, layout, hardware)
     ds = cfg.deepspeed
     print(f"{args.config}: OK")
     print(f"  strategy     {cfg.strategy}; model {cfg.model.path}; precision {cfg.train.precision}")
@@ -105,11 +106,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"  deepspeed    ZeRO-{ds.stage}, optimizer offload {ds.offload_optimizer.device}, "
         f"parameter offload {ds.offload_param.device}, optimizer {cfg.train.optimizer}"
     )
-    try:
-        resume = resolve_resume(cfg)
-        start = _resume_plan(cfg, resume, layout) if resume else "start from scratch"
-    except (FileExistsError, FileNotFoundError) as e:
-        start = f"REFUSED: {e}"
+    start = resume_plan(cfg, layout)
     print(f"  checkpoints  {cfg.checkpoint_dir} every {cfg.checkpoint.every_steps} steps; {start}")
     print(f"  tensorboard  {cfg.tensorboard_dir}")
     print(f"  memory       {fit[0] if fit else 'not checked (give --gpus-per-node --gpu-mem --cpu-mem)'}")
@@ -121,37 +118,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"dtrain check: the run cannot fit: {'; '.join(fit[1:])} (--allow-no-fit to pass)", file=sys.stderr)
         return 2
     return 0
-
-
-def _resume_plan(cfg: Config, checkpoint, layout) -> str:
-    """What resuming `checkpoint` on this layout will do; raises ConfigError if the global batch cannot be kept."""
-    from dtrain.checkpoint import read_progress
-    from dtrain.layout import BatchLayout
-    from dtrain.reshard import UNIVERSAL_TAG, needs_universal
-
-    saved = read_progress(checkpoint)
-    text = f"resume from {checkpoint} (step {saved.step}, sample {saved.samples_seen})"
-    if saved.world_size == layout.world_size:
-        return text
-    kept = BatchLayout.from_config(cfg.train, layout.world_size, saved.global_batch_size)
-    text += (
-        f"; saved on {saved.world_size} ranks, resumed on {kept.world_size}: global batch {kept.global_batch_size} "
-        f"kept with {kept.gradient_accumulation_steps} accumulation steps"
-    )
-    if needs_universal(saved, layout.world_size, cfg.deepspeed.stage):
-        cached = (checkpoint / UNIVERSAL_TAG).is_dir()
-        text += "; universal checkpoint " + ("cached" if cached else "converted once at start")
-    return text
-
-
-def _fit_report(cfg: Config, layout, hardware) -> list[str]:
-    """[] when no hardware was given; ["fits"] or ["does NOT fit", problem, ...]."""
-    if hardware is None:
-        return []
-    from dtrain.plan import fit_problems
-
-    problems = fit_problems(cfg, layout, hardware)
-    return ["fits"] if not problems else ["does NOT fit", *problems]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

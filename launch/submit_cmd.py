@@ -17,7 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dtrain.config import ConfigError, load_config
+from dtrain_launch.validate import fit_report, load_for_launch, resume_plan
+
+from dtrain.config import ConfigError
 
 
 def add_submit_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -50,13 +52,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     # Everything is checked before anything reaches sbatch: the config (as `dtrain check`), the profile, the
     # batch arithmetic for this many ranks, and where the run would start from.
-    cfg = load_config(args.config, args.overrides)
     profile = slurm.load_profile(args.cluster)
+    nodes = profile.nodes if args.nodes is None else args.nodes
+    cfg = load_for_launch(args.config, args.overrides, nodes)
     workdir = Path.cwd()
     plan = slurm.plan_job(cfg, profile, args.nodes, workdir)
     layout = BatchLayout.from_config(cfg.train, plan.world_size)
-    start = _resume_point(cfg, layout)
-    fit = _fit(cfg, layout, slurm.hardware(profile, plan.nodes))
+    start = resume_plan(cfg, layout)
+    fit = fit_report(cfg, layout, slurm.hardware(profile, plan.nodes)) or [
+        "not checked (the profile gives no gpu_mem / node_mem)"
+    ]
     print(
         f"{args.config}: OK: {cfg.strategy}, ZeRO-{cfg.deepspeed.stage}, {plan.nodes} node(s) x "
         f"{plan.tasks_per_node} ranks = {plan.world_size}; global batch {layout.global_batch_size} = micro "
@@ -85,29 +90,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     slurm.append_record(plan.folder, record)
     _print_submitted(plan, profile, record)
     return 0
-
-
-def _resume_point(cfg, layout) -> str:
-    """Where the job starts, as `dtrain check` says it; on another world size the global batch must be kept."""
-    from dtrain_launch.cli import _resume_plan
-
-    from dtrain.checkpoint import resolve_resume
-
-    try:
-        resume = resolve_resume(cfg)
-    except (FileExistsError, FileNotFoundError) as e:
-        raise ConfigError([f"checkpoint.resume: {e}"]) from e
-    return _resume_plan(cfg, resume, layout) if resume else "start from scratch"
-
-
-def _fit(cfg, layout, hardware) -> list[str]:
-    """["fits"], ["does NOT fit", why, ...], or a note when the profile does not describe the hardware."""
-    if hardware is None:
-        return ["not checked (the profile gives no gpu_mem / node_mem)"]
-    from dtrain.plan import fit_problems
-
-    problems = fit_problems(cfg, layout, hardware)
-    return ["fits"] if not problems else ["does NOT fit", *problems]
 
 
 def _refuse_if_active(folder: Path) -> None:

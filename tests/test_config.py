@@ -139,3 +139,27 @@ def test_readme_config_reference_is_current():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
     assert block == reference_markdown(), "README config reference is stale: regenerate with python -m dtrain.config"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("lora.target_modules=[q_proj, nope_proj]", "lora.target_modules[1]"),
+        ("lora.r=0", "lora.r: must be > 0"),
+    ],
+)
+def test_lora_combinations_that_cannot_work_fail_check(tmp_path, tiny_model, capsys, override, message):
+    from tests.helpers import write_config
+
+    config = write_config(tmp_path / "cfg.yaml", tiny_model, base="configs/tiny-lora.yaml")
+    assert main(["check", str(config), override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_qlora_across_nodes_fails_check(tmp_path, tiny_model, capsys):
+    from tests.helpers import write_config
+
+    config = write_config(tmp_path / "cfg.yaml", tiny_model, base="configs/tiny-qlora.yaml")
+    hardware = ["--gpus-per-node", "1", "--gpu-mem", "24GB", "--cpu-mem", "64GB"]
+    assert main(["check", str(config), "--nodes", "2", *hardware]) == 2
+    assert "strategy: qlora runs on a single node" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""`dtrain export`: turn a checkpoint into files the vanilla libraries load. Runs on any machine: no GPU, no
+process group, no torchrun.
+
+    dtrain export runs/tiny-lora --adapter out/adapter --merged out/merged
+    dtrain export runs/tiny-full-zero3 --checkpoint step-00000040 --hf out/hf --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a checkpoint: PEFT adapter, merged model, or consolidated HF model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run", help="the run's output_dir, its checkpoints folder, its config YAML, or a checkpoint")
+    parser.add_argument(
+        "--checkpoint", default=None, help="step-XXXXXXXX, a step number, or a path (default: the newest complete one)"
+    )
+    parser.add_argument("--adapter", type=Path, metavar="OUT", help="lora/qlora: adapter in PEFT format")
+    parser.add_argument("--merged", type=Path, metavar="OUT", help="lora/qlora: base + adapter merged (HF format)")
+    parser.add_argument("--hf", type=Path, metavar="OUT", help="full: ZeRO shards consolidated (HF format)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="dtype of exported parameters (--merged, --hf); auto: the base model's dtype (buffers keep theirs)",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (--merged, --hf)")
+    parser.add_argument("--model", default=None, metavar="PATH", help="base model directory, if it has moved")
+    parser.set_defaults(handler=cmd_export)
+    return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not (args.adapter or args.merged or args.hf):
+        print("dtrain export: nothing to do: pass --adapter, --merged and/or --hf", file=sys.stderr)
+        return 2
+    from dtrain.dist import select_accelerator
+
+    select_accelerator()  # before deepspeed is imported (its checkpoint reader is used, its engine is not)
+    from dtrain import export
+    from dtrain.config import ConfigError
+
+    try:
+        checkpoint = export.find_checkpoint(args.run, args.checkpoint)
+        print(f"exporting {checkpoint}", flush=True)
+        results = []
+        if args.adapter:
+            results.append(export.export_adapter(checkpoint, args.adapter, args.model))
+        if args.merged:
+            results.append(export.export_merged(checkpoint, args.merged, args.dtype, args.max_shard_size, args.model))
+        if args.hf:
+            results.append(export.export_hf(checkpoint, args.hf, args.dtype, args.max_shard_size, args.model))
+    except (export.ExportError, ConfigError) as e:
+        print(f"dtrain export: {e}", file=sys.stderr)
+        return 2
+    for result in results:
+        print(result.summary(), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dtrain_launch.export_cmd RUN ...`: the same as `dtrain export RUN ...`."""
+    parser = argparse.ArgumentParser(prog="dtrain")
+    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

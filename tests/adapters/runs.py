@@ -1,0 +1,92 @@
+"""The tiny 2-rank lora / qlora / full runs that the adapter and export tests share, each made once per session.
+
+Starting two ranks costs more than training the tiny model, so runs are few and reused: test modules call
+`shared_runs(tmp_path_factory, tiny_model)` and ask for a run by name; it is trained on first use only.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import REPO, run_dtrain, write_config
+
+STEPS = 4
+# Checkpoints at 2 and 4; eval at 2 (mid-training) and 4. seq_len 128 keeps the steps short.
+COMMON = [
+    f"train.max_steps={STEPS}", "train.warmup_steps=1", "checkpoint.every_steps=2", "checkpoint.keep_last=0",
+    "eval.every_steps=2", "data.seq_len=128",
+]  # fmt: skip
+BASES = {"lora": "configs/tiny-lora.yaml", "qlora": "configs/tiny-qlora.yaml", "full": "configs/tiny-full-zero3.yaml"}
+# name -> (shipped config, overrides). "*-z3" runs are trained by probe_run, which also reports engine logits,
+# frozen-weight checks and adapter changes; the others through the real `dtrain train`.
+RUNS = {
+    "lora-z0": ("lora", ["deepspeed.stage=0"]),
+    "lora-z2": ("lora", ["deepspeed.stage=2"]),
+    "lora-z3": ("lora", ["deepspeed.stage=3"]),
+    # The stage-0 run evaluates only after its last step: the runs that evaluate mid-training must still equal it.
+    "qlora-z0": ("qlora", ["deepspeed.stage=0", "eval.every_steps=0"]),
+    "qlora-z2": ("qlora", []),  # the shipped tiny QLoRA config (ZeRO-2, NF4, double quant, bf16 compute)
+    "qlora-z3": ("qlora", ["deepspeed.stage=3"]),
+    "full-z3": ("full", []),
+}
+PROBED = ("lora-z3", "qlora-z3", "full-z3")
+
+_shared: SharedRuns | None = None
+
+
+def shared_runs(tmp_path_factory, tiny_model: Path) -> SharedRuns:
+    global _shared
+    if _shared is None:
+        _shared = SharedRuns(tmp_path_factory.mktemp("adapter-runs"), tiny_model)
+    return _shared
+
+
+class SharedRuns:
+    def __init__(self, root: Path, tiny_model: Path):
+        self.root = root
+        self.tiny_model = tiny_model
+        self.done: dict[str, subprocess.CompletedProcess | None] = {}
+
+    def config(self, name: str, folder: Path | None = None) -> tuple[Path, list[str]]:
+        """(config file, overrides) of a run; `folder` puts the run (output_dir) elsewhere."""
+        strategy, overrides = RUNS[name]
+        folder = folder or self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        config = write_config(folder / "cfg.yaml", self.tiny_model, base=BASES[strategy])
+        return config, [*COMMON, *overrides]
+
+    def run(self, name: str) -> Path:
+        """The run folder (output_dir) of a finished run."""
+        if name not in self.done:
+            if name in PROBED:
+                self._probe_all()
+            else:
+                config, overrides = self.config(name)
+                self.done[name] = run_dtrain("train", str(config), *overrides, "--nproc", "2")
+        return self.root / name / "run"
+
+    def output(self, name: str) -> str:
+        """What `dtrain train` printed (both streams)."""
+        self.run(name)
+        proc = self.done[name]
+        return proc.stdout + proc.stderr
+
+    def probe(self, name: str) -> Path:
+        """The probe folder of a probed run: probe.json and logits.pt."""
+        self.run(name)
+        return self.root / name / "probe"
+
+    def _probe_all(self) -> None:
+        args: list[str] = []
+        for name in PROBED:
+            config, overrides = self.config(name)
+            args += ["--", str(self.root / name / "probe"), str(config), *overrides]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        proc = subprocess.run(
+            [*cmd, "-m", "tests.adapters.probe_run", *args[1:]], cwd=REPO, capture_output=True, text=True, timeout=900
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"probe run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
+        self.done.update(dict.fromkeys(PROBED, proc))
