@@ -60,10 +60,14 @@ def launch(config: Path, nproc: int) -> subprocess.Popen:
 
 
 def kill_a_rank(proc: subprocess.Popen, rng: random.Random) -> bool:
-    try:
-        ranks = psutil.Process(proc.pid).children()
-    except psutil.NoSuchProcess:
-        return False
+    """SIGKILL one rank; a moment before the ranks exist (the launcher is still starting) becomes their start."""
+    ranks: list[psutil.Process] = []
+    while not ranks and proc.poll() is None:
+        try:
+            ranks = psutil.Process(proc.pid).children()
+        except psutil.NoSuchProcess:
+            return False
+        time.sleep(0.01)
     if not ranks:
         return False
     rng.choice(ranks).send_signal(signal.SIGKILL)
@@ -175,7 +179,9 @@ def run_trials(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=20, help="random-moment trials (each redrawn until its kill lands)")
+    parser.add_argument(
+        "--trials", type=int, default=20, help="random-moment trials (each redrawn until its kill lands)"
+    )
     parser.add_argument("--during-save", type=int, default=2, help="extra trials that kill inside a save")
     parser.add_argument("--conversion", type=int, default=1, help="extra trials that kill inside a conversion")
     parser.add_argument("--seed", type=int, default=0)
