@@ -63,12 +63,16 @@ class MetricsLogger:
 
 
 def read_metrics(output_dir: str | Path, key: str = "train/loss") -> dict[int, float]:
-    """step -> value from metrics.jsonl; a step logged twice (killed and resumed) keeps its last value."""
+    """step -> value from metrics.jsonl; a step logged twice (killed and resumed) keeps its last value.
+    Safe on a live run: a line still being written is skipped."""
     values: dict[int, float] = {}
     path = Path(output_dir) / "metrics.jsonl"
     if path.is_file():
         for line in path.read_text().splitlines():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
             if key in record:
                 values[record["step"]] = record[key]
     return values

@@ -64,15 +64,3 @@ def cmd_export(args: argparse.Namespace) -> int:
     for result in results:
         print(result.summary(), flush=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dtrain_launch.export_cmd RUN ...`: the same as `dtrain export RUN ...`."""
-    parser = argparse.ArgumentParser(prog="dtrain")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

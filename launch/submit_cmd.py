@@ -4,14 +4,12 @@
     dtrain status RUN        # RUN: the run folder (output_dir) or the config
     dtrain cancel RUN
 
-`add_submit_parsers(subparsers)` registers the three in the `dtrain` command; `main()` runs them alone
-(`python -m dtrain_launch.submit_cmd submit ...`).
+`add_submit_parsers(subparsers)` registers the three in the `dtrain` command.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -171,18 +169,13 @@ def _requeue_lines(log: Path) -> list[str]:
 
 
 def _last_step(metrics: Path) -> str:
-    try:
-        lines = metrics.read_text().splitlines()
-    except OSError:
+    from dtrain.metrics import read_metrics
+
+    losses = read_metrics(metrics.parent)
+    if not losses:
         return "no step logged yet"
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line being written right now
-            continue
-        if "train/loss" in record:
-            return f"step {record['step']}, loss {record['train/loss']:.4f}"
-    return "no step logged yet"
+    step = max(losses)
+    return f"step {step}, loss {losses[step]:.4f}"
 
 
 def _newest_checkpoint(directory: Path) -> str:
@@ -190,18 +183,3 @@ def _newest_checkpoint(directory: Path) -> str:
 
     found = complete_checkpoints(directory)
     return str(found[-1]) if found else f"none yet in {directory}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dtrain", description="Slurm commands of dtrain.")
-    add_submit_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except ConfigError as e:
-        print(f"dtrain {args.command}: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

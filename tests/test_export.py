@@ -33,8 +33,8 @@ from tests.helpers import REPO
 
 
 def export_cmd(*args: str) -> subprocess.CompletedProcess:
-    """`dtrain export ...` (the function the CLI registers), in a fresh process."""
-    cmd = [sys.executable, "-m", "dtrain_launch.export_cmd", *args]
+    """`dtrain export ...` through the real CLI, in a fresh process."""
+    cmd = [sys.executable, "-m", "dtrain_launch.cli", "export", *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-5000:]}"
     return proc

@@ -49,13 +49,9 @@ def _timing(name: str, seconds: float) -> None:
 
 
 def dtrain(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The real `dtrain` CLI; until cli.py registers the Slurm commands, the same parsers run alone."""
-    import dtrain_launch.cli
-
-    module = "dtrain_launch.cli" if "add_submit_parsers" in Path(dtrain_launch.cli.__file__).read_text() else None
-    module = module or "dtrain_launch.submit_cmd"
+    """The real `dtrain` CLI."""
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, "-m", "dtrain_launch.cli", *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
     )  # fmt: skip
 
