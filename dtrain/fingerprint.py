@@ -20,7 +20,10 @@ _EDGE = 1 << 20
 
 
 def model_fingerprint(path: str | Path) -> str:
+    """ "" when `path` is no folder (nothing to compare)."""
     folder, digest = Path(path), hashlib.sha256()
+    if not folder.is_dir():
+        return ""
     for name in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / name).is_file():
             digest.update(name.encode() + (folder / name).read_bytes())
@@ -31,6 +34,8 @@ def model_fingerprint(path: str | Path) -> str:
 
 def tokenizer_fingerprint(path: str | Path) -> str:
     folder, digest = Path(path), hashlib.sha256()
+    if not folder.is_dir():
+        return ""
     for name in _TOKENIZER_FILES:
         if (folder / name).is_file():
             digest.update(name.encode() + (folder / name).read_bytes())
@@ -60,5 +65,6 @@ def run_fingerprints(cfg) -> dict[str, str]:
     prints = {"model": model_fingerprint(cfg.model.path), "tokenizer": tokenizer_fingerprint(cfg.tokenizer_path)}
     for section in ("datasets", "eval_datasets"):
         for i, ds in enumerate(getattr(cfg.data, section)):
-            prints[f"data.{section}[{i}].path"] = file_fingerprint(ds.path)
-    return prints
+            if Path(ds.path).is_file():
+                prints[f"data.{section}[{i}].path"] = file_fingerprint(ds.path)
+    return {what: value for what, value in prints.items() if value}

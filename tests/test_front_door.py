@@ -15,7 +15,7 @@ import yaml
 from dtrain_launch.cli import main
 
 from dtrain.checkpoint_layout import STATE_FILE, checkpoint_name
-from dtrain.config import dump_yaml, load_config
+from dtrain.config import dump_yaml
 from dtrain.fingerprint import run_fingerprints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +100,12 @@ BAD: list[tuple[str, object, str, Callable | None]] = [
     ("lora.bias", "some", "lora.bias: must be one of", lora),
     ("quantization.compute_dtype", "int8", "quantization.compute_dtype: must be one of", None),
     ("quantization.quant_type", "int4", "quantization.quant_type: must be one of", None),
-    ("deepspeed.offload_param.device", "cpu", "a 4-bit base cannot be offloaded", lambda r: put(r, "strategy", "qlora")),
+    (
+        "deepspeed.offload_param.device",
+        "cpu",
+        "a 4-bit base cannot be offloaded",
+        lambda r: put(r, "strategy", "qlora"),
+    ),
     ("deepspeed.stage", 0, "optimizer offload needs deepspeed.stage >= 1", None),
     ("deepspeed.offload_param.nvme_path", "/nvme", "only used with device nvme", None),
     ("deepspeed.reduce_bucket_size", 0, "deepspeed.reduce_bucket_size: must be >= 1", None),
@@ -134,11 +139,11 @@ BAD: list[tuple[str, object, str, Callable | None]] = [
     ("eval.every_steps", -1, "eval.every_steps: must be >= 0", None),
     ("eval.max_batches", "all", "eval.max_batches: expected", None),
     ("logging.every_steps", 0, "logging.every_steps: must be >= 1", None),
-    ("output_dir", a_file, "output_dir: exists and is a file", None),
+    ("output_dir", a_file, "a-file exists and is a file", None),
     ("output_dir", "runs/bad\0name", "output_dir: contains a NUL byte", None),
     ("output_dir", "runs/" + "x" * 300, "output_dir: the name 'xxxxxxxx", None),
-    ("output_dir", lambda tmp, model: str(model), "output_dir: inside the base model's folder", None),
-    ("output_dir", lambda tmp, model: str(model / "run"), "output_dir: inside the base model's folder", None),
+    ("output_dir", lambda tmp, model: str(model), "is inside the base model's folder", None),
+    ("output_dir", lambda tmp, model: str(model / "run"), "is inside the base model's folder", None),
 ]
 
 
@@ -231,9 +236,9 @@ REFUSED = [
     ("data.seq_len", 128, "data.seq_len", "checkpoint.allow_changes"),
     ("data.packing", False, "data.packing", "checkpoint.allow_changes"),
     ("data.datasets", [{"path": str(REPO / "data/sample/chat.jsonl"), "format": "chat"}], "data.datasets[0]", ""),
-    ("train.precision", "fp32", "train.precision", "checkpoint.allow_changes"),
+    ("train.precision", "bf16", "train.precision", "checkpoint.allow_changes"),
     ("train.seed", 7, "train.seed", "checkpoint.allow_changes"),
-    ("train.lr", 1e-3, "train.lr", "checkpoint.allow_changes"),
+    ("train.lr", 3e-4, "train.lr", "checkpoint.allow_changes"),
     ("train.global_batch_size", 16, "train.global_batch_size", ""),
     ("train.optimizer", "adamw_deepspeed", "train.optimizer", "cannot be loaded"),
 ]
@@ -274,11 +279,11 @@ def test_resume_accepts_safe_changes_and_says_so(tmp_path, tiny_model, base, cap
 def test_a_change_named_in_allow_changes_resumes(tmp_path, tiny_model, base, capsys):
     base["train"].update(gradient_accumulation_steps=None, global_batch_size=8)
     plant_checkpoint(base)
-    base["train"]["lr"] = 1e-3
+    base["train"]["lr"] = 3e-4
     config = str(write(tmp_path, base))
     assert main(["check", config, "--nproc", "2"]) == 2
     capsys.readouterr()
-    assert main(["check", config, "--nproc", "2", "checkpoint.allow_changes=[train.lr]"]) == 0
+    assert main(["check", config, "checkpoint.allow_changes=[train.lr]", "--nproc", "2"]) == 0
     assert "train.lr" in capsys.readouterr().out
 
 
@@ -324,7 +329,7 @@ MISUSE = [
     (["check", "{cfg}", "--gpus-per-node", "8", "--gpu-mem", "lots", "--cpu-mem", "1TB"], "size 'lots'"),
     (["plan", "{cfg}"], "the following arguments are required"),
     (["plan", "{cfg}", "--gpus-per-node", "0", "--gpu-mem", "80GB", "--cpu-mem", "1TB"], "need >= 1 node and GPU"),
-    (["plan", "{cfg}", "--gpus-per-node", "8", "--gpu-mem", "-80GB", "--cpu-mem", "1TB"], "size '-80GB'"),
+    (["plan", "{cfg}", "--gpus-per-node", "8", "--gpu-mem=-80GB", "--cpu-mem", "1TB"], "size '-80GB'"),
     (["export", "{lora}"], "nothing to do"),
     (["export", "{tmp}/nowhere", "--adapter", "{tmp}/out"], "no complete checkpoint"),
     (["export", "{lora}", "--adapter", "{tmp}/a-file"], "exists and is not a folder"),
@@ -375,7 +380,9 @@ def test_export_refuses_a_checkpoint_that_would_run_code(misuse, capsys):
     checkpoint = Path(misuse["lora"]) / "checkpoints" / checkpoint_name(2)
     marker = misuse["tmp"] / "code-ran"
     (checkpoint / "ds").mkdir()
-    torch.save({"module": {}, "buffer_names": [], "evil": _Payload(marker)}, checkpoint / "ds" / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": {}, "buffer_names": [], "evil": _Payload(marker)}, checkpoint / "ds" / "mp_rank_00_model_states.pt"
+    )
     assert main(["export", misuse["lora"], "--adapter", str(misuse["tmp"] / "out")]) == 2
     err = capsys.readouterr().err
     assert "refusing to load" in err and "could run code" in err
