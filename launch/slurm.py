@@ -26,7 +26,9 @@ from dtrain.config import Config, ConfigError, load_typed
 from dtrain.plan import Hardware, parse_size
 
 RECORDS = "jobs.jsonl"
-REQUEUE_LINE = "dtrain: checkpoint saved; requeueing"  # printed by rank 0 of a job; `dtrain status` counts these
+# rank 0 of a job prints these; `dtrain status` reads them
+RUN_START_LINE = "dtrain: job"  # each time the job (re)starts
+REQUEUE_LINE = "dtrain: requeueing"  # each requeue dtrain asks for, before or after training started
 # states in which a job still holds (or will hold) the run folder; see `man squeue`
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "COMPLETING",
                  "CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"}  # fmt: skip
@@ -73,7 +75,11 @@ class ClusterProfile:
     sbatch_extra: dict[str, str | int | bool] = field(default_factory=dict)
     """Further #SBATCH options as name: value (true for a bare flag), e.g. {exclusive: true, reservation: llm}."""
     srun_args: list[str] = field(default_factory=list)
-    """Extra srun arguments (dtrain always adds --kill-on-bad-exit=1: one dead rank ends the job)."""
+    """Extra srun arguments (dtrain always adds --kill-on-bad-exit=1: one dead rank ends the job, and
+    --cpus-per-task, which srun no longer takes from sbatch since Slurm 22.05)."""
+    wckey: str | None = None
+    """Workload characterization key (--wckey); null sends none (submitit's default `submitit` is refused by
+    clusters that check wckeys)."""
     python: str | None = None
     """Python command inside the job; default the interpreter running `dtrain submit` (same venv on shared disk)."""
 
@@ -84,7 +90,7 @@ _OWNED_OPTIONS = {
     "gpus-per-node": "gpus_per_node", "cpus-per-task": "cpus_per_task", "mem": "mem_gb", "time": "time_limit_min",
     "signal": "signal_lead_s", "partition": "partition", "account": "account", "qos": "qos",
     "constraint": "constraint", "requeue": "max_requeues", "output": "the run folder", "error": "the run folder",
-    "open-mode": "the run folder",
+    "open-mode": "the run folder", "wckey": "wckey",
 }  # fmt: skip
 
 
@@ -209,12 +215,22 @@ def executor_parameters(profile: ClusterProfile, nodes: int, job_name: str) -> d
         "mem": None if profile.mem_gb is None else f"{profile.mem_gb}GB",
         "constraint": profile.constraint,
         "setup": list(profile.setup) or None,
-        # one rank dying must end the job at once, not leave the others blocked in a collective until its timeout
-        "srun_args": ["--kill-on-bad-exit=1", *profile.srun_args],
+        "srun_args": _srun_args(profile),
         # `scontrol requeue` (ours, after the checkpoint) needs a requeueable job, whatever the cluster's default
         "additional_parameters": {"requeue": True, **{_option(k): v for k, v in profile.sbatch_extra.items()}},
     }
-    return {k: v for k, v in params.items() if v is not None}
+    # wckey stays even when None: submitit would otherwise send its own default
+    return {**{k: v for k, v in params.items() if v is not None}, "wckey": profile.wckey}
+
+
+def _srun_args(profile: ClusterProfile) -> list[str]:
+    # One rank dying must end the job at once, not leave the others blocked in a collective until its timeout.
+    args = ["--kill-on-bad-exit=1"]
+    if profile.cpus_per_task:
+        # Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: without this every rank is bound
+        # to a single core.
+        args.append(f"--cpus-per-task={profile.cpus_per_task}")
+    return [*args, *profile.srun_args]
 
 
 def python_command(profile: ClusterProfile) -> str:
@@ -299,7 +315,7 @@ def record_for(plan: JobPlan, job_id: str, cfg: Config, workdir: Path, **extra: 
 class JobState:
     state: str  # RUNNING, PENDING, COMPLETED, FAILED, ... or UNKNOWN
     detail: str = ""  # elapsed, nodes, reason / exit code, as Slurm gives them
-    restarts: int | None = None  # Slurm's requeue count, while slurmctld still knows the job
+    restarts: int | None = None  # Slurm's requeue count (scontrol, else accounting); None if neither knows
 
 
 def _slurm(*cmd: str) -> str | None:
@@ -316,6 +332,9 @@ def job_state(job_id: str) -> JobState:
     for word in shown.split():
         if word.startswith("Restarts="):
             restarts = int(word.split("=", 1)[1])
+    if restarts is None:  # slurmctld forgot the job (MinJobAge): accounting keeps one record per run of it
+        runs = _slurm("sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "JobID")
+        restarts = len(runs.splitlines()) - 1 if runs else None
     live = _slurm("squeue", "-h", "-j", job_id, "-o", "%T|%M|%N|%r")
     if live:
         state, elapsed, nodes, reason = live.splitlines()[0].split("|")

@@ -85,8 +85,9 @@ def test_sacct_sees_job_cancelled_before_result(submitit_executor, slurm_cluster
 def test_urgent_partition_preempts_debug(submitit_executor, slurm_cluster, tmp_path):
     """A job in `urgent` (higher PriorityTier) preempts a running `debug` job, which Slurm requeues and reruns."""
     cpus = int(slurm_cluster.run("sinfo", "-h", "-p", "debug", "-o", "%c").split()[0])
+    whole = dict(cpus_per_task=cpus, nodes=slurm_cluster.nodes)  # every CPU of every node: nothing else fits
     marker = tmp_path / "low-started"
-    low = submitit_executor(name="low", cpus_per_task=cpus).submit(
+    low = submitit_executor(name="low", **whole).submit(
         # a preempted submitit job ignores SIGTERM: a first run shorter than KillWait (5 s) would finish anyway
         sleep_then_return,
         1,
@@ -96,7 +97,7 @@ def test_urgent_partition_preempts_debug(submitit_executor, slurm_cluster, tmp_p
     wait_for(marker.exists, 120, "debug job to start")
     marker.unlink()
     t0 = time.monotonic()
-    high = submitit_executor(name="high", cpus_per_task=cpus, slurm_partition="urgent").submit(sleep_then_return, 1)
+    high = submitit_executor(name="high", slurm_partition="urgent", **whole).submit(sleep_then_return, 1)
     wait_done(high, timeout=120)
     _timing("urgent submit -> done (preempting the debug job)", time.monotonic() - t0)
     wait_for(marker.exists, 120, "preempted debug job to run again")
