@@ -1,18 +1,27 @@
-"""Smoke tests of the single-node test Slurm (slurm/testcluster) driven through submitit.
+"""Smoke tests of the test Slurm (slurm/testcluster) driven through submitit, and a multi-node torchrun by hand
+across its two nodes.
 
 Run: pytest tests/slurm -v -s   (as root; the session fixture installs/starts the cluster and stops it at the end)
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import submitit
 from slurm_helpers import job_logs, wait_done, wait_for
 from testcluster_jobs import SleepUntilCheckpointed, gloo_allreduce, sleep_then_return
 
+from dtrain.metrics import read_metrics
+from tests.helpers import FULL_OVERRIDES, FULL_STEPS, write_config
+
 pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _timing(name: str, seconds: float) -> None:
@@ -105,3 +114,46 @@ def test_urgent_partition_preempts_debug(submitit_executor, slurm_cluster, tmp_p
     wait_done(low, timeout=120)
     assert high.result()["restart_count"] == 0
     assert low.result()["restart_count"] >= 1, job_logs(low)
+
+
+@pytest.mark.slow
+def test_torchrun_by_hand_across_two_nodes(slurm_cluster, tiny_model, full_reference, tmp_path):
+    """The README's multi-node command, one torchrun per node (slurm/testcluster/on runs it inside the node's
+    namespaces): the c10d rendezvous on dtnode1 crosses the nodes' network; the losses are a 4-rank run's."""
+    if slurm_cluster.nodes < 2:
+        pytest.skip("needs the 2-node test cluster")
+    config = write_config(tmp_path / "cfg.yaml", tiny_model)
+    env = {**os.environ, **slurm_cluster.env, "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [
+                str(REPO / "slurm" / "testcluster" / "on"),
+                f"dtnode{node + 1}",
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--nproc_per_node=2",
+                "--rdzv_backend=c10d",
+                "--rdzv_endpoint=dtnode1:29411",
+                "-m",
+                "dtrain.train",
+                str(config),
+                *FULL_OVERRIDES,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for node in range(2)
+    ]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    _timing("torchrun on 2 nodes x 2 ranks, by hand", time.monotonic() - t0)
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    got, want = read_metrics(tmp_path / "run"), read_metrics(full_reference(4))
+    assert sorted(got) == list(range(1, FULL_STEPS + 1))
+    assert all(got[step] == pytest.approx(want[step], rel=1e-5) for step in got), (got, want)
