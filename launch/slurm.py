@@ -80,6 +80,9 @@ class ClusterProfile:
     wckey: str | None = None
     """Workload characterization key (--wckey); null sends none (submitit's default `submitit` is refused by
     clusters that check wckeys)."""
+    node_local: list[str] = field(default_factory=lambda: ["/tmp", "/var/tmp", "/dev/shm"])
+    """Folders that are node-local on this cluster (each node has its own). A multi-node run is refused before
+    submitting when its run folder, checkpoints or data cache would be in one: they must be on shared storage."""
     python: str | None = None
     """Python command inside the job; default the interpreter running `dtrain submit` (same venv on shared disk)."""
 
@@ -152,6 +155,33 @@ def _hardware_problems(p: ClusterProfile) -> list[str]:
 def _extra_problems(p: ClusterProfile) -> list[str]:
     return [f"sbatch_extra.{key}: set by dtrain (use {_OWNED_OPTIONS[_option(key)]})"
             for key in p.sbatch_extra if _option(key) in _OWNED_OPTIONS]  # fmt: skip
+
+
+def storage_problems(cfg: Config, profile: ClusterProfile, nodes: int, workdir: Path) -> list[str]:
+    """Folders of a multi-node run that would be node-local, each with why it must be shared.
+
+    Every one is written by some ranks and read by others on other nodes: the run folder holds submitit's job
+    pickles (every task loads them) and the requeued job's logs; all ranks write their shards into one checkpoint
+    folder that rank 0 then renames, and its universal conversion (made by rank 0) is read by all; the data cache is
+    prepared by rank 0 alone while the others wait for it to appear. On one node, node-local storage is fine."""
+    if nodes < 2:
+        return []
+    from dtrain.data.cache import cache_root
+
+    folders = {
+        "output_dir": (cfg.output_dir, "the Slurm job's files and logs are read by the tasks of every node"),
+        "checkpoint.dir": (cfg.checkpoint_dir, "the ranks of every node write one checkpoint, and resume from it"),
+        "data.cache_dir": (cache_root(cfg), "rank 0 prepares the data once, the ranks of every node read it"),
+    }
+    local = [Path(p) for p in profile.node_local]
+    problems = []
+    for key, (folder, why) in folders.items():
+        path = (workdir / folder).resolve()
+        inside = next((root for root in local if path.is_relative_to(root)), None)
+        if inside is not None:
+            problems.append(f"{key}: {path} is node-local on this cluster ({inside}, see the profile's node_local) "
+                            f"but must be on shared storage for {nodes} nodes: {why}")  # fmt: skip
+    return problems
 
 
 def hardware(profile: ClusterProfile, nodes: int) -> Hardware | None:

@@ -70,6 +70,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"  memory        {fit[0]}")
     if fit[0] != "fits" and fit[1:] and not args.allow_no_fit:
         raise ConfigError([f"memory: the run cannot fit: {'; '.join(fit[1:])} (--allow-no-fit to submit anyway)"])
+    storage = slurm.storage_problems(cfg, profile, plan.nodes, workdir)
+    if storage:
+        raise ConfigError(storage)
     _refuse_if_active(plan.folder)
     if args.dry_run:
         print(slurm.sbatch_script(plan.parameters, plan.folder, slurm.python_command(profile)), end="")

@@ -405,6 +405,16 @@ def test_config_error_is_reported_before_anything_reaches_sbatch(tiny_model, tmp
                     str(TEST_PROFILE), "--nodes", "2", env=env)  # fmt: skip
     assert uneven.returncode == 2 and "train.global_batch_size" in uneven.stderr, uneven.stderr
 
+    # a multi-node run whose checkpoints or data cache would be node-local (the profile says which folders are)
+    local = "/tmp/dtrain-testcluster/local"
+    placed = [f"checkpoint.dir={local}/ckpt", f"data.cache_dir={local}/cache"]
+    node_local = dtrain("submit", str(config), *FULL_OVERRIDES, *placed, "--cluster", str(TEST_PROFILE), "--nodes", "2",
+                        env=env)  # fmt: skip
+    assert node_local.returncode == 2, node_local.stdout + node_local.stderr
+    assert f"checkpoint.dir: {local}/ckpt is node-local on this cluster" in node_local.stderr, node_local.stderr
+    assert f"data.cache_dir: {local}/cache is node-local" in node_local.stderr and "output_dir" not in node_local.stderr
+    assert "must be on shared storage for 2 nodes" in node_local.stderr
+
     assert not (tmp_path / "sbatch-was-called").exists()
     assert not (tmp_path / "run").exists()  # no snapshot, no submitit folder
 
