@@ -121,6 +121,7 @@ def _shape_problems(p: ClusterProfile) -> list[str]:
         )
     if p.mem_gb is not None and p.mem_gb < 0:
         problems.append(f"mem_gb: must be >= 0 (0: all of the node's memory), got {p.mem_gb}")
+    problems += [f"node_local: {path!r} is not an absolute path" for path in p.node_local if not path.startswith("/")]
     return problems
 
 
