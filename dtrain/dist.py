@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import socket
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,26 @@ def cuda_device_index(environ: MutableMapping[str, str], device_count: int) -> i
         "give every task either all of the node's GPUs (--gpus-per-node, no --gpus-per-task / --gpu-bind in the "
         "profile's srun_args or sbatch_extra) or exactly one (--gpus-per-task=1 / --gpu-bind=single:1)"
     )
+
+
+def decided_by_main(decide: Callable[[], T]) -> T:
+    """`decide()` run on rank 0 alone, its result given to every rank (or its exception raised on every rank).
+
+    For decisions read from shared storage: nodes of a network file system can see different states of one folder
+    for seconds (attribute caching), and ranks that decide on their own may then disagree."""
+    import torch.distributed as dist
+
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, decide())
+        except Exception as e:  # the others must not wait forever in the broadcast for a decision that never comes
+            box[0] = (False, e)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _free_port() -> int:

@@ -6,6 +6,7 @@ No process group, no GPU: the CPU affinity and the CUDA device count are faked.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +62,31 @@ def test_compute_init_on_a_gpu_node_binds_the_device_and_sets_threads(monkeypatc
         assert os.environ["LOCAL_RANK"] == "0" and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def _decide_on_two_ranks(rank: int, store: str, out: str) -> None:
+    import json
+
+    import torch.distributed as torch_dist
+
+    torch_dist.init_process_group("gloo", store=torch_dist.FileStore(store, 2), rank=rank, world_size=2)
+    # rank 1's node still sees an older state of the checkpoint folder
+    view = {0: "step-00000008", 1: "step-00000004"}[rank]
+    picked = dist.decided_by_main(lambda: view)
+    try:
+        dist.decided_by_main(lambda: 1 / 0 if torch_dist.get_rank() == 0 else "never asked")
+        raised = None
+    except ZeroDivisionError as e:
+        raised = str(e)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"picked": picked, "raised": raised}))
+    torch_dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_0_s_decision_or_its_error(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_decide_on_two_ranks, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert results == [{"picked": "step-00000008", "raised": "division by zero"}] * 2

@@ -49,10 +49,7 @@ H100_PROFILE = REPO / "slurm" / "clusters" / "h100.yaml"
 GOLDEN = HERE / "golden" / "h100-llama3-70b-4nodes.sbatch"
 FAULTS = HERE / "faults"  # sitecustomize.py: DTRAIN_TEST_CRASH=RANK:STEP makes that rank raise at that step;
 # DTRAIN_TEST_TIMELINE=1 makes every rank print the time of each phase of a stop
-TIMELINE_ENV = {
-    "DTRAIN_TEST_TIMELINE": "1",
-    "PYTHONPATH": os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p),
-}
+FAULTS_PATH = {"PYTHONPATH": os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p)}
 WORLD_TOLERANCE = 1e-5  # relative, per step loss, between runs on different world sizes (test_resume_world_size)
 
 
@@ -164,11 +161,12 @@ def timeline(job: Submitted, world: int, since: float) -> dict[str, float]:
     def first(event: str, rank: int = 0, after: float = since) -> float:
         return next(t for e, t in marks[rank] if e == event and t >= after)
 
-    t = {name: first(name) for name in ("stop-agreed", "save-begin", "shards-written", "fsync-begin", "fsync-done",
-                                        "prune-begin", "prune-done", "save-done", "requeue-asked", "requeue-done",
-                                        "resumed")}  # fmt: skip
-    t["renamed"] = first("renamed", after=t["fsync-done"])
-    t["signal"] = min(first("signal", rank) for rank in range(world))
+    def slowest(start: str, end: str) -> float:
+        return max(first(end, rank) - first(start, rank) for rank in range(world))
+
+    t = {name: first(name) for name in ("shards-written", "prune-begin", "prune-done", "requeue-asked",
+                                        "requeue-done", "resumed")}  # fmt: skip
+    t["renamed"] = max(x for e, x in marks[0] if e == "renamed" and x <= t["prune-begin"])
     t["all-stopped"] = max(first("stop-agreed", rank) for rank in range(world))
     t["all-saved"] = max(first("save-done", rank) for rank in range(world))
     started = re.findall(r"^submitit INFO \((\S+ \S+)\) - Starting with", job.log_text(0), re.M)
@@ -176,10 +174,11 @@ def timeline(job: Submitted, world: int, since: float) -> dict[str, float]:
     t["running-again"] = next(r for r in restarts if r >= int(t["requeue-done"]))
     return {
         "signal -> every rank at the step boundary, stop agreed (finish step)": t["all-stopped"] - since,
-        "save: every rank writes its shards (save begin -> all written)": t["shards-written"] - t["save-begin"],
-        "fsync (rank 0 syncs the whole checkpoint)": t["fsync-done"] - t["fsync-begin"],
-        "rename + fsync parent": t["renamed"] - t["fsync-done"],
-        "prune (keep_last)": t["prune-done"] - t["prune-begin"],
+        "save: writing its shards (slowest rank)": slowest("save-begin", "fsync-begin"),
+        "fsync of its own files (slowest rank)": slowest("fsync-begin", "fsync-done"),
+        "barrier -> rank 0 has all shards": t["shards-written"] - max(first("fsync-done", r) for r in range(world)),
+        "metadata, fsync of folders, rename, fsync parent (rank 0)": t["renamed"] - t["shards-written"],
+        "prune in the step path (rename away; deletion in the background)": t["prune-done"] - t["prune-begin"],
         "final barrier (all ranks done saving)": t["all-saved"] - t["prune-done"],
         "requeue (scontrol requeue by rank 0)": t["requeue-done"] - t["requeue-asked"],
         "requeued -> running again (Slurm, 1 s resolution)": t["running-again"] - t["requeue-done"],
@@ -260,19 +259,26 @@ def test_submit_trains_to_completion(finished_run, slurm_cluster, full_reference
 def test_interrupted_job_saves_requeues_and_resumes_to_equal_losses(finished_run, slurm_cluster, tiny_model, tmp_path):
     """Interrupted as preemption does it (SIGTERM then SIGUSR2 to every task, what submitit's own tests do): once
     before training started (submitit requeues at once), once mid-run (all ranks on both nodes save one checkpoint
-    at the same step boundary, rank 0 requeues). Prints the time of each phase of the second stop."""
+    at the same step boundary, rank 0 requeues, the older checkpoint is pruned). Prints the time of each phase of the
+    second stop."""
     nodes, world = slurm_cluster.nodes, 2 * slurm_cluster.nodes
-    job = submit_tiny(tmp_path, tiny_model, "--nodes", str(nodes), env=TIMELINE_ENV)
+    timeline_env = {"DTRAIN_TEST_TIMELINE": "1", **FAULTS_PATH}
+    job = submit_tiny(tmp_path, tiny_model, "--nodes", str(nodes), "checkpoint.keep_last=1", env=timeline_env)
     interrupt = submitit.SlurmJob(folder=job.folder, job_id=job.job_id)._interrupt
 
     wait_for(lambda: RUN_START_LINE in job.log_text(0), 300, "the job to start")
     interrupt()  # the model is still loading: submitit's own handler requeues at once
     wait_for(lambda: REQUEUE_LINE in job.log_text(0), 120, "rank 0 to requeue before training")
-    wait_for(lambda: last_step(job.run_dir) >= 2, 400, "the requeued job to log step 2")
+    wait_for(lambda: last_step(job.run_dir) >= 5, 400, "the requeued job to log step 5 (step 4 saved)")
     t_interrupt = time.time()
     interrupt()
     wait_for(lambda: job.log_text(0).count(REQUEUE_LINE) == 2, 120, "rank 0 to save and requeue")
     _timing("interrupt -> checkpoint saved, requeue requested", time.time() - t_interrupt)
+    # one checkpoint, written by the ranks of both nodes together; step 4 pruned (keep_last 1)
+    saved = complete_checkpoints(job.run_dir / "checkpoints")
+    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) >= 5, saved
+    assert len(list((saved[0] / "rng").glob("rank-*.pt"))) == world
+    assert len(list((saved[0] / "ds").glob("*optim_states.pt"))) == world
     wait_for(lambda: "resumed from" in job.log_text(0), 300, "the requeued job to resume")
     _timing("interrupt -> requeued job resumed from the checkpoint", time.time() - t_interrupt)
     wait_gone(slurm_cluster, job, timeout=400)
@@ -286,14 +292,11 @@ def test_interrupted_job_saves_requeues_and_resumes_to_equal_losses(finished_run
     requeues = [line for line in log.splitlines() if line.startswith(REQUEUE_LINE)]
     assert requeues == [f"{REQUEUE_LINE} (requeue 1 of at most 3): training had not started, nothing to save",
                         f"{REQUEUE_LINE} (requeue 2 of at most 3): checkpoint saved"], requeues  # fmt: skip
-    saved = re.findall(r"^saved (\S+/step-(\d{8}))$", log[: log.index(requeues[1])], re.M)[-1]
-    step = int(saved[1])
-    assert 2 <= step < FULL_STEPS, log  # stopped mid-run, at a step boundary
-    assert f"resumed from {saved[0]} at step {step}" in log
+    stopped = re.findall(r"^saved (\S+/step-(\d{8}))$", log[: log.index(requeues[1])], re.M)[-1]
+    step = int(stopped[1])
+    assert stopped[0] == str(saved[0]) and 5 <= step < FULL_STEPS, log  # stopped mid-run, at a step boundary
+    assert f"resumed from {stopped[0]} at step {step}" in log
     assert log.count("Job completed successfully") == 1
-    # one checkpoint, written by the ranks of both nodes together
-    assert len(list(Path(saved[0], "rng").glob("rank-*.pt"))) == world
-    assert len(list(Path(saved[0], "ds").glob("*optim_states.pt"))) == world
 
     # the same losses (train and eval) as the run nobody interrupted
     for key in ("train/loss", "eval/loss"):
@@ -308,7 +311,8 @@ def test_interrupted_job_saves_requeues_and_resumes_to_equal_losses(finished_run
 @pytest.mark.slow
 def test_stopped_early_then_node_lost_then_resumed_on_one_node(finished_run, slurm_cluster, tiny_model, tmp_path):
     """One run folder, three jobs: stopped by SIGTERM alone (Slurm: COMPLETED; status: stopped early, resumable);
-    resubmitted on 2 nodes and the second node's ranks SIGKILLed after a checkpoint (FAILED, status names them);
+    resubmitted on 2 nodes, where the second node does not see that checkpoint yet (a stale file-system view) and
+    still resumes from rank 0's choice, and its ranks SIGKILLed after a checkpoint (FAILED, status names them);
     resubmitted on 1 node: resumes from the newest complete checkpoint through the universal path, and ends with
     the losses of the uninterrupted 2-node run within the world-size tolerance."""
     if slurm_cluster.nodes < 2:
@@ -325,7 +329,7 @@ def test_stopped_early_then_node_lost_then_resumed_on_one_node(finished_run, slu
     status = dtrain("status", str(job.run_dir)).stdout
     assert f"stopped early at step {step}/{FULL_STEPS} with a checkpoint, not requeued; resumable" in status, status
 
-    job = submit_tiny(tmp_path, tiny_model, "--nodes", "2")
+    job = submit_tiny(tmp_path, tiny_model, "--nodes", "2", env={"DTRAIN_TEST_STALE_VIEW": "1", **FAULTS_PATH})
     assert f"resume from {stopped} (step {step}," in job.output
     wait_for(lambda: (ckpts / "step-00000004" / STATE_FILE).is_file() and last_step(job.run_dir) >= 5, 400,
              "a checkpoint at step 4 and step 5 logged")  # fmt: skip

@@ -4,8 +4,12 @@ DTRAIN_TEST_CRASH=RANK:STEP makes rank RANK raise inside Trainer.train_step when
 so a test can see what a real crash of one rank does to a job (the other ranks are then blocked in a collective).
 
 DTRAIN_TEST_TIMELINE=1 makes every rank print `dtrain-timeline: EVENT TIME` (wall clock, seconds) at each phase of
-a stop: signal received, stop agreed at a step boundary, save begun, shards written (rank 0, after the barrier),
-fsync, rename, prune, save done, requeue asked (rank 0), and the checkpoint loaded after the requeue.
+a stop: signal received, stop agreed at a step boundary, save begun, fsync of its own files, all shards written
+(rank 0, after the barrier), folders synced and renamed, prune (in the step path), save done, requeue asked
+(rank 0), and the checkpoint loaded after the requeue.
+
+DTRAIN_TEST_STALE_VIEW=1 makes the ranks of every node but the first see the checkpoint folder without its newest
+checkpoint, as a network file system's attribute cache can for seconds after a quick requeue.
 
 Nothing happens without the variables.
 """
@@ -55,6 +59,11 @@ def _crash(rank: int, step: int):
     return patch
 
 
+def _stale_view(module):
+    complete_checkpoints = module.complete_checkpoints
+    module.complete_checkpoints = lambda directory: complete_checkpoints(directory)[:-1]
+
+
 def _mark(event: str) -> None:
     print(f"dtrain-timeline: {event} {time.time():.3f}", flush=True)
 
@@ -77,8 +86,8 @@ def _timed(owner, attribute: str, before: str | None, after: str | None, when=la
 def _timeline_checkpoint(module):
     _timed(module.Checkpointer, "save", "save-begin", "save-done")
     _timed(module.Checkpointer, "_publish", "shards-written", None)
-    _timed(module, "_fsync_tree", "fsync-begin", "fsync-done")
-    _timed(module, "_fsync_dir", None, "renamed")  # _publish: rename, then fsync of the parent
+    _timed(module, "_fsync_files", "fsync-begin", "fsync-done")
+    _timed(module, "_fsync_dir", None, "renamed")  # _publish: the folders, rename, then the parent
     _timed(module.Checkpointer, "_prune", "prune-begin", "prune-done")
     _timed(module.Checkpointer, "load", None, "resumed")
 
@@ -95,6 +104,8 @@ def _timeline_submitit(module):
 if os.environ.get("DTRAIN_TEST_CRASH"):
     _rank, _step = (int(x) for x in os.environ["DTRAIN_TEST_CRASH"].split(":"))
     sys.meta_path.insert(0, _PatchOnImport("dtrain.trainer", _crash(_rank, _step)))
+if os.environ.get("DTRAIN_TEST_STALE_VIEW") and os.environ.get("SLURM_NODEID", "0") != "0":
+    sys.meta_path.insert(0, _PatchOnImport("dtrain.resume", _stale_view))
 if os.environ.get("DTRAIN_TEST_TIMELINE"):
     for _name, _patch in [("dtrain.checkpoint", _timeline_checkpoint), ("dtrain.preemption", _timeline_preemption),
                           ("submitit.slurm.slurm", _timeline_submitit)]:  # fmt: skip
