@@ -263,7 +263,7 @@ def test_interrupted_job_saves_requeues_and_resumes_to_equal_losses(finished_run
     second stop."""
     nodes, world = slurm_cluster.nodes, 2 * slurm_cluster.nodes
     timeline_env = {"DTRAIN_TEST_TIMELINE": "1", **FAULTS_PATH}
-    job = submit_tiny(tmp_path, tiny_model, "--nodes", str(nodes), "checkpoint.keep_last=1", env=timeline_env)
+    job = submit_tiny(tmp_path, tiny_model, "checkpoint.keep_last=1", "--nodes", str(nodes), env=timeline_env)
     interrupt = submitit.SlurmJob(folder=job.folder, job_id=job.job_id)._interrupt
 
     wait_for(lambda: RUN_START_LINE in job.log_text(0), 300, "the job to start")
