@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as e:  # the checkpoint folder changed between the launcher's check and this rank's
+        print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
+        return 2
     if env.is_main:
         outcome = "stopped (checkpoint saved, resumable)" if result.preempted else "finished"
         print(OUTCOME_LINE.format(outcome=outcome, step=result.progress.step, total=trainer.total_steps), flush=True)

@@ -7,10 +7,10 @@ from dtrain.checkpoint import _written_by
 
 WRITTEN = {
     0: ["ds/zero_pp_rank_0_mp_rank_00_model_states.pt", "ds/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "ds/mp_rank_00_model_states.pt", "rng/rank-00000.pt"],  # mp_rank_00_model_states: stage 0-2, rank 0's
+        "ds/mp_rank_00_model_states.pt", "rng/rank-00000.safetensors"],  # mp_rank_00_model_states: stage 0-2, rank 0's
     1: ["ds/zero_pp_rank_1_mp_rank_00_model_states.pt", "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-        "rng/rank-00001.pt"],
-    12: ["ds/zero_pp_rank_12_mp_rank_00_optim_states.pt", "rng/rank-00012.pt"],
+        "rng/rank-00001.safetensors"],
+    12: ["ds/zero_pp_rank_12_mp_rank_00_optim_states.pt", "rng/rank-00012.safetensors"],
 }  # fmt: skip
 
 

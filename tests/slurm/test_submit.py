@@ -277,7 +277,7 @@ def test_interrupted_job_saves_requeues_and_resumes_to_equal_losses(finished_run
     # one checkpoint, written by the ranks of both nodes together; step 4 pruned (keep_last 1)
     saved = complete_checkpoints(job.run_dir / "checkpoints")
     assert len(saved) == 1 and int(saved[0].name.split("-")[1]) >= 5, saved
-    assert len(list((saved[0] / "rng").glob("rank-*.pt"))) == world
+    assert len(list((saved[0] / "rng").glob("rank-*.safetensors"))) == world
     assert len(list((saved[0] / "ds").glob("*optim_states.pt"))) == world
     wait_for(lambda: "resumed from" in job.log_text(0), 300, "the requeued job to resume")
     _timing("interrupt -> requeued job resumed from the checkpoint", time.time() - t_interrupt)
