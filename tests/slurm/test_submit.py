@@ -284,7 +284,7 @@ def test_interrupted_job_saves_requeues_and_resumes_to_equal_losses(finished_run
     wait_gone(slurm_cluster, job, timeout=400)
     _timing("interrupt -> requeued job done", time.time() - t_interrupt)
     for phase, seconds in timeline(job, world, t_interrupt).items():
-        _timing(f"timeline: {phase}", seconds)
+        print(f"\n[timing] timeline: {phase}: {seconds:.3f} s")
 
     info = scontrol_job(slurm_cluster, job.job_id)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "2"), job.log_text(0, "err")
