@@ -169,13 +169,15 @@ _OWNER = re.compile(r"(?:^|_)pp_rank_(\d+)_|^rank-(\d+)\.safetensors$")
 
 def _written_by(checkpoint: Path, rank: int) -> list[Path]:
     """The files of a checkpoint being written that `rank` wrote; a file named for no rank (stage 0-2 model states)
-    is rank 0's. Temporary `.partial` files of other ranks may come and go meanwhile: they are nobody's."""
+    is rank 0's. Other ranks' temporary files (`*.partial`, safetensors' `.tmpXXXX`) come and go meanwhile: they are
+    nobody's."""
     mine = []
     for folder, _, files in os.walk(checkpoint):
         for name in files:
+            if name.startswith(".") or name.endswith(".partial"):
+                continue
             match = _OWNER.search(name)
-            owner = int(match.group(1) or match.group(2)) if match else 0
-            if owner == rank and not name.endswith(".partial"):
+            if (int(match.group(1) or match.group(2)) if match else 0) == rank:
                 mine.append(Path(folder, name))
     return mine
 
