@@ -12,7 +12,7 @@ from dtrain import build_once as module
 from dtrain.build_once import BuildFailed, build_once
 
 
-def _in_thread(target) -> list:
+def _in_thread(target) -> tuple[threading.Thread, list]:
     """Run target() in a thread; the returned list receives its exception, if any."""
     errors: list = []
 
@@ -22,8 +22,9 @@ def _in_thread(target) -> list:
         except Exception as e:
             errors.append(e)
 
-    threading.Thread(target=run, daemon=True).start()
-    return errors
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
 
 
 def test_a_failed_build_stops_the_waiters_within_seconds(tmp_path):
@@ -33,11 +34,12 @@ def test_a_failed_build_stops_the_waiters_within_seconds(tmp_path):
         time.sleep(1)
         raise RuntimeError("ds_to_universal: killed (out of memory)")
 
-    builder_errors = _in_thread(lambda: build_once(final, build, is_builder=True))
+    builder, builder_errors = _in_thread(lambda: build_once(final, build, is_builder=True))
     started = time.monotonic()
     with pytest.raises(BuildFailed, match="out of memory"):
         build_once(final, build, is_builder=False, grace_s=3600, poll_s=0.1)
     assert time.monotonic() - started < 5
+    builder.join(timeout=30)
     assert builder_errors and not final.exists()
 
 
@@ -51,9 +53,11 @@ def test_a_build_longer_than_the_waiters_patience_completes_while_it_shows_life(
         time.sleep(3)  # 3 x the waiters' grace
         (staging / "done").write_text("ok")
 
-    builder_errors = _in_thread(lambda: build_once(final, build, is_builder=True))
-    time.sleep(0.3)  # the builder holds its lock and beats
+    builder, builder_errors = _in_thread(lambda: build_once(final, build, is_builder=True))
+    while not module.heartbeat_file(final).exists():  # the builder holds its lock and beats
+        time.sleep(0.05)
     assert build_once(final, build, is_builder=False, grace_s=1, poll_s=0.1) is True
+    builder.join(timeout=30)
     assert (final / "done").read_text() == "ok" and not builder_errors
 
 
