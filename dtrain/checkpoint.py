@@ -1,7 +1,8 @@
 """Sharded, atomic checkpoints: writing, restoring, pruning (the layout is in dtrain.checkpoint_layout).
 
-All ranks write into `<dir>/.tmp-step-00000040/`; once every rank is done, rank 0 writes trainer_state.json, syncs
-the files to disk and renames the folder to its final name. A rename within one filesystem is atomic, so a folder
+All ranks write into `<dir>/.tmp-step-00000040/` and each syncs the files it wrote to disk (on a network file
+system only the writer's node can); once every rank is done, rank 0 writes trainer_state.json, syncs it and the
+folders, and renames the folder to its final name. A rename within one filesystem is atomic, so a folder
 named `step-*` is always complete, and a crash at any moment leaves either the old set of checkpoints or the new one.
 Resume `auto` picks the newest `step-*` folder that holds trainer_state.json and never looks at `.tmp-*` ones.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,7 @@ class Checkpointer:
             # Every rank writes its own partition: optimizer state is sharded across ranks.
             engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False, **self.save_options)
             save_rng_state(tmp / "rng" / f"rank-{self.rank:05d}.safetensors")
+            _fsync_files(_written_by(tmp, self.rank))
             dist.barrier()
             if self.rank == 0:
                 self._publish(tmp, final, progress)
@@ -81,7 +85,9 @@ class Checkpointer:
         # format 2: RNG states in safetensors; fingerprints of the model, tokenizer and data (dtrain.resume_changes).
         state = {"progress": asdict(progress), "format": 2, "fingerprints": run_fingerprints(self.cfg)}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)
+        _fsync_files([tmp / "config.yaml", tmp / STATE_FILE])
+        for folder, _, _ in os.walk(tmp):  # the entries of every rank's files
+            _fsync_dir(Path(folder))
         if final.exists():  # an incomplete folder of that name (not ours: ours appear only whole) is replaced
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -131,18 +137,49 @@ class Checkpointer:
         if self.directory.is_dir():
             for leftover in self.directory.glob(".tmp-step-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
-            for leftover in self.directory.glob(".deleting-step-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+            _delete_in_background(list(self.directory.glob(".deleting-step-*")))
 
     def _prune(self) -> None:
         keep = self.cfg.checkpoint.keep_last
         if keep == 0:
             return
+        doomed = []
         for old in complete_checkpoints(self.directory)[:-keep]:
             # Renamed first so that a crash mid-delete never leaves a half-deleted folder that looks complete.
-            doomed = old.with_name(f".deleting-{old.name}")
-            os.rename(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            doomed.append(old.with_name(f".deleting-{old.name}"))
+            os.rename(old, doomed[-1])
+        _delete_in_background(doomed)
+
+
+def _delete_in_background(folders: list[Path]) -> None:
+    """Deleting a checkpoint of a large model (~1 TB, many files) takes minutes on a network file system: done off
+    the step path, while training goes on. A process that ends first leaves `.deleting-*` to the next save."""
+    if folders:
+        threading.Thread(target=_delete, args=(folders,), name="dtrain-prune", daemon=True).start()
+
+
+def _delete(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# DeepSpeed names the shards of a rank `*zero_pp_rank_<data-parallel rank>_*`; ours: `rng/rank-<rank>.safetensors`.
+_OWNER = re.compile(r"(?:^|_)pp_rank_(\d+)_|^rank-(\d+)\.safetensors$")
+
+
+def _written_by(checkpoint: Path, rank: int) -> list[Path]:
+    """The files of a checkpoint being written that `rank` wrote; a file named for no rank (stage 0-2 model states)
+    is rank 0's. Other ranks' temporary files (`*.partial`, safetensors' `.tmpXXXX`) come and go meanwhile: they are
+    nobody's."""
+    mine = []
+    for folder, _, files in os.walk(checkpoint):
+        for name in files:
+            if name.startswith(".") or name.endswith(".partial"):
+                continue
+            match = _OWNER.search(name)
+            if (int(match.group(1) or match.group(2)) if match else 0) == rank:
+                mine.append(Path(folder, name))
+    return mine
 
 
 def _tree_bytes(root: Path) -> int:
@@ -206,15 +243,13 @@ def load_rng_state(path: Path) -> None:
         torch.cuda.set_rng_state(tensors["cuda"])
 
 
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
+def _fsync_files(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

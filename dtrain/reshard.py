@@ -4,12 +4,16 @@ ZeRO partitions optimizer state (and, at stage 3, parameters) by rank, so shards
 loaded by M. DeepSpeed's `ds_to_universal` rewrites them per parameter; the engine then re-partitions on load.
 The converted copy is cached as `<checkpoint>/universal/`, built in a temporary folder beside it and renamed when
 complete, so a crash during conversion leaves the checkpoint as it was and the next launch converts again.
+Converting a 70B checkpoint takes hours in one process: it runs with a worker per core, and `dtrain reshard CONFIG`
+does it ahead of time (in a CPU job), so that the resumed run finds it cached.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import torch
 
 from dtrain.build_once import build_once
 from dtrain.checkpoint_layout import ENGINE_TAG, UNIVERSAL_TAG
+from dtrain.config import Config, ConfigError
 
 
 def ensure_universal(checkpoint: Path, rank: int, grace_s: float) -> None:
@@ -24,6 +29,24 @@ def ensure_universal(checkpoint: Path, rank: int, grace_s: float) -> None:
     conversion cannot trip a collective timeout, and a failed one stops them at once."""
     final = checkpoint / UNIVERSAL_TAG
     build_once(final, lambda staging: convert(checkpoint, staging), is_builder=rank == 0, grace_s=grace_s)
+
+
+def reshard_command(cfg: Config) -> str:
+    """`dtrain reshard`: convert the checkpoint a resume of `cfg` would start from, now."""
+    from dtrain.resume import find_resume_checkpoint
+
+    checkpoint = find_resume_checkpoint(cfg)
+    if checkpoint is None:
+        raise ConfigError([f"checkpoint.dir: no complete checkpoint in {cfg.checkpoint_dir}: nothing to convert"])
+    final, started = checkpoint / UNIVERSAL_TAG, time.monotonic()
+    if build_once(final, lambda staging: convert(checkpoint, staging), is_builder=True):
+        return f"{final}: already converted"
+    return f"{final}: converted in {time.monotonic() - started:.1f} s with {conversion_workers()} worker(s)"
+
+
+def conversion_workers() -> int:
+    """The CPUs this process may use (in a Slurm task, the ones Slurm bound it to)."""
+    return len(os.sched_getaffinity(0))
 
 
 def unshare_step_counters(optimizer: Any) -> None:
@@ -48,9 +71,9 @@ def convert(checkpoint: Path, staging: Path) -> None:
             "--output_folder",
             str(staging / UNIVERSAL_TAG),
             "--num_extract_workers",
-            "1",
+            str(conversion_workers()),
             "--num_merge_workers",
-            "1",
+            str(conversion_workers()),
         ],  # fmt: skip
         capture_output=True,
         text=True,

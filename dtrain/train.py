@@ -10,6 +10,8 @@ import argparse
 import sys
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+# Rank 0's last line: `dtrain status` tells a finished run from one stopped early (which Slurm also calls COMPLETED).
+OUTCOME_LINE = "dtrain: run {outcome} at step {step} of {total}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,13 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     from dtrain.trainer import Trainer
 
     try:
-        result = Trainer(cfg, env).fit()
+        trainer = Trainer(cfg, env)
+        result = trainer.fit()
     except CheckpointError as e:
         print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
         return 1
     except ConfigError as e:  # the checkpoint folder changed between the launcher's check and this rank's
         print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
         return 2
+    if env.is_main:
+        outcome = "stopped (checkpoint saved, resumable)" if result.preempted else "finished"
+        print(OUTCOME_LINE.format(outcome=outcome, step=result.progress.step, total=trainer.total_steps), flush=True)
     import torch.distributed as dist
 
     dist.destroy_process_group()

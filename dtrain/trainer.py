@@ -15,7 +15,7 @@ from dtrain.checkpoint import Checkpointer
 from dtrain.checkpoint_layout import ENGINE_TAG, UNIVERSAL_TAG, Progress
 from dtrain.config import Config
 from dtrain.data import PreparedData, collate, prepare_data
-from dtrain.dist import DistEnv
+from dtrain.dist import DistEnv, decided_by_main
 from dtrain.ds_config import build_deepspeed_config
 from dtrain.metrics import MetricsLogger
 from dtrain.optim import build_optimizer
@@ -38,7 +38,8 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.cfg, self.env = cfg, env
-        self.resume = plan_resume(cfg, env.world_size)
+        # Rank 0 picks the checkpoint for all: another node may not see the newest one yet.
+        self.resume = decided_by_main(lambda: plan_resume(cfg, env.world_size))
         self.layout = self.resume.layout
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
         self.data: PreparedData = prepare_data(cfg, self.tokenizer, rank=env.rank, world_size=env.world_size)

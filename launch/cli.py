@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(prepare)
     prepare.set_defaults(handler=cmd_prepare)
 
+    reshard = commands.add_parser(
+        "reshard", help="convert the checkpoint a resume would start from to DeepSpeed's universal format, now"
+    )
+    _config_args(reshard)
+    reshard.set_defaults(handler=cmd_reshard)
+
     train = commands.add_parser("train", help="validate, then run torchrun on this machine")
     _config_args(train)
     train.add_argument("--nproc", type=int, default=1, help="ranks (processes) on this machine")
@@ -139,6 +145,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f"dtrain prepare: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from dtrain.reshard import reshard_command
+
+    print(reshard_command(_preflight(args).cfg))
     return 0
 
 

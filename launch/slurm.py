@@ -27,7 +27,9 @@ from dtrain.plan.hardware import Hardware
 from dtrain.units import parse_size
 
 RECORDS = "jobs.jsonl"
-REQUEUE_LINE = "dtrain: checkpoint saved; requeueing"  # printed by rank 0 of a job; `dtrain status` counts these
+# rank 0 of a job prints these; `dtrain status` reads them
+RUN_START_LINE = "dtrain: job"  # each time the job (re)starts
+REQUEUE_LINE = "dtrain: requeueing"  # each requeue dtrain asks for, before or after training started
 # states in which a job still holds (or will hold) the run folder; see `man squeue`
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "COMPLETING",
                  "CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"}  # fmt: skip
@@ -74,7 +76,14 @@ class ClusterProfile:
     sbatch_extra: dict[str, str | int | bool] = field(default_factory=dict)
     """Further #SBATCH options as name: value (true for a bare flag), e.g. {exclusive: true, reservation: llm}."""
     srun_args: list[str] = field(default_factory=list)
-    """Extra srun arguments (dtrain always adds --kill-on-bad-exit=1: one dead rank ends the job)."""
+    """Extra srun arguments (dtrain always adds --kill-on-bad-exit=1: one dead rank ends the job, and
+    --cpus-per-task, which srun no longer takes from sbatch since Slurm 22.05)."""
+    wckey: str | None = None
+    """Workload characterization key (--wckey); null sends none (submitit's default `submitit` is refused by
+    clusters that check wckeys)."""
+    node_local: list[str] = field(default_factory=lambda: ["/tmp", "/var/tmp", "/dev/shm"])
+    """Folders that are node-local on this cluster (each node has its own). A multi-node run is refused before
+    submitting when its run folder, checkpoints or data cache would be in one: they must be on shared storage."""
     python: str | None = None
     """Python command inside the job; default the interpreter running `dtrain submit` (same venv on shared disk)."""
 
@@ -85,7 +94,7 @@ _OWNED_OPTIONS = {
     "gpus-per-node": "gpus_per_node", "cpus-per-task": "cpus_per_task", "mem": "mem_gb", "time": "time_limit_min",
     "signal": "signal_lead_s", "partition": "partition", "account": "account", "qos": "qos",
     "constraint": "constraint", "requeue": "max_requeues", "output": "the run folder", "error": "the run folder",
-    "open-mode": "the run folder",
+    "open-mode": "the run folder", "wckey": "wckey",
 }  # fmt: skip
 
 
@@ -113,6 +122,7 @@ def _shape_problems(p: ClusterProfile) -> list[str]:
         )
     if p.mem_gb is not None and p.mem_gb < 0:
         problems.append(f"mem_gb: must be >= 0 (0: all of the node's memory), got {p.mem_gb}")
+    problems += [f"node_local: {path!r} is not an absolute path" for path in p.node_local if not path.startswith("/")]
     return problems
 
 
@@ -147,6 +157,33 @@ def _hardware_problems(p: ClusterProfile) -> list[str]:
 def _extra_problems(p: ClusterProfile) -> list[str]:
     return [f"sbatch_extra.{key}: set by dtrain (use {_OWNED_OPTIONS[_option(key)]})"
             for key in p.sbatch_extra if _option(key) in _OWNED_OPTIONS]  # fmt: skip
+
+
+def storage_problems(cfg: Config, profile: ClusterProfile, nodes: int, workdir: Path) -> list[str]:
+    """Folders of a multi-node run that would be node-local, each with why it must be shared.
+
+    Every one is written by some ranks and read by others on other nodes: the run folder holds submitit's job
+    pickles (every task loads them) and the requeued job's logs; all ranks write their shards into one checkpoint
+    folder that rank 0 then renames, and its universal conversion (made by rank 0) is read by all; the data cache is
+    prepared by rank 0 alone while the others wait for it to appear. On one node, node-local storage is fine."""
+    if nodes < 2:
+        return []
+    from dtrain.data.cache import cache_root
+
+    folders = {
+        "output_dir": (cfg.output_dir, "the Slurm job's files and logs are read by the tasks of every node"),
+        "checkpoint.dir": (cfg.checkpoint_dir, "the ranks of every node write one checkpoint, and resume from it"),
+        "data.cache_dir": (cache_root(cfg), "rank 0 prepares the data once, the ranks of every node read it"),
+    }
+    local = [Path(p) for p in profile.node_local]
+    problems = []
+    for key, (folder, why) in folders.items():
+        path = (workdir / folder).resolve()
+        inside = next((root for root in local if path.is_relative_to(root)), None)
+        if inside is not None:
+            problems.append(f"{key}: {path} is node-local on this cluster ({inside}, see the profile's node_local) "
+                            f"but must be on shared storage for {nodes} nodes: {why}")  # fmt: skip
+    return problems
 
 
 def hardware(profile: ClusterProfile, nodes: int) -> Hardware | None:
@@ -214,12 +251,22 @@ def executor_parameters(profile: ClusterProfile, nodes: int, job_name: str) -> d
         "mem": None if profile.mem_gb is None else f"{profile.mem_gb}GB",
         "constraint": profile.constraint,
         "setup": list(profile.setup) or None,
-        # one rank dying must end the job at once, not leave the others blocked in a collective until its timeout
-        "srun_args": ["--kill-on-bad-exit=1", *profile.srun_args],
+        "srun_args": _srun_args(profile),
         # `scontrol requeue` (ours, after the checkpoint) needs a requeueable job, whatever the cluster's default
         "additional_parameters": {"requeue": True, **{_option(k): v for k, v in profile.sbatch_extra.items()}},
     }
-    return {k: v for k, v in params.items() if v is not None}
+    # wckey stays even when None: submitit would otherwise send its own default
+    return {**{k: v for k, v in params.items() if v is not None}, "wckey": profile.wckey}
+
+
+def _srun_args(profile: ClusterProfile) -> list[str]:
+    # One rank dying must end the job at once, not leave the others blocked in a collective until its timeout.
+    args = ["--kill-on-bad-exit=1"]
+    if profile.cpus_per_task:
+        # Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: without this every rank is bound
+        # to a single core.
+        args.append(f"--cpus-per-task={profile.cpus_per_task}")
+    return [*args, *profile.srun_args]
 
 
 def python_command(profile: ClusterProfile) -> str:
@@ -304,7 +351,7 @@ def record_for(plan: JobPlan, job_id: str, cfg: Config, workdir: Path, **extra: 
 class JobState:
     state: str  # RUNNING, PENDING, COMPLETED, FAILED, ... or UNKNOWN
     detail: str = ""  # elapsed, nodes, reason / exit code, as Slurm gives them
-    restarts: int | None = None  # Slurm's requeue count, while slurmctld still knows the job
+    restarts: int | None = None  # Slurm's requeue count (scontrol, else accounting); None if neither knows
 
 
 def _slurm(*cmd: str) -> str | None:
@@ -321,6 +368,9 @@ def job_state(job_id: str) -> JobState:
     for word in shown.split():
         if word.startswith("Restarts="):
             restarts = int(word.split("=", 1)[1])
+    if restarts is None:  # slurmctld forgot the job (MinJobAge): accounting keeps one record per run of it
+        runs = _slurm("sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "JobID")
+        restarts = len(runs.splitlines()) - 1 if runs else None
     live = _slurm("squeue", "-h", "-j", job_id, "-o", "%T|%M|%N|%r")
     if live:
         state, elapsed, nodes, reason = live.splitlines()[0].split("|")

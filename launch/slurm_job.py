@@ -14,7 +14,8 @@ Preemption and time limits (`--signal=USR2@lead`, or submitit's `job._interrupt(
   checkpoint on disk), submitit writes it, requeues the job and exits. The other ranks just return.
 - Only SIGUSR2 requeues. SIGTERM alone is scancel, or a preemption Slurm requeues by itself: the ranks still save
   at the next step boundary if they get there in time, and the job is not requeued by us.
-- Requeues are bounded by the profile's max_requeues; each one is printed in rank 0's log.
+- Requeues are bounded by the profile's max_requeues; each one is printed in rank 0's log (by checkpoint(), which
+  both paths call), where `dtrain status` counts them.
 A USR2 before training started (model still loading) reaches submitit's handler directly: rank 0 requeues at once,
 which loses nothing since no step has been taken since the last checkpoint.
 """
@@ -26,14 +27,18 @@ import signal
 import socket
 
 import submitit
-from dtrain_launch.slurm import REQUEUE_LINE
+from dtrain_launch.slurm import REQUEUE_LINE, RUN_START_LINE
 from submitit.core.job_environment import SignalHandler
+
+# Below Linux's ephemeral range (32768-60999 by default), from which the kernel hands out the local ports of
+# outgoing connections: a port drawn there can be taken on the first node by the time rank 0 binds it.
+PORT_RANGE = range(20000, 32768)
 
 
 def rendezvous_port(job_id: str, restart_count: int) -> int:
     """The same port on every task of one run, a new one after each requeue (the old run's sockets may linger)."""
     digits = "".join(c for c in job_id if c.isdigit()) or "0"
-    return 20000 + (int(digits) * 101 + restart_count) % 40000
+    return PORT_RANGE.start + (int(digits) * 101 + restart_count) % len(PORT_RANGE)
 
 
 def export_rank_environment() -> submitit.helpers.TorchDistributedEnvironment:
@@ -58,6 +63,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.workdir = workdir
         self.max_requeues = max_requeues
         self.requeues = requeues
+        self._saved = False  # set once the ranks saved after SIGUSR2: what checkpoint() reports
 
     def __call__(self) -> dict:
         from dtrain.preemption import stopped_by
@@ -69,11 +75,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         env = export_rank_environment()
         if env.rank == 0:
             print(
-                f"dtrain: job {os.environ.get('SLURM_JOB_ID')} on {socket.gethostname()}: {env.world_size} ranks, "
+                f"{RUN_START_LINE} {os.environ.get('SLURM_JOB_ID')} on {socket.gethostname()}: {env.world_size} ranks, "
                 f"rendezvous {env.master_addr}:{env.master_port}; Slurm restarts {restart_count()}, "
                 f"requeues by dtrain {self.requeues} of at most {self.max_requeues}",
                 flush=True,
             )
+        print(describe_rank(env.rank, env.world_size, env.local_rank), flush=True)
         code = train_main([self.config, *self.overrides])
         if code == 0:
             return {"status": "finished", "rank": env.rank}
@@ -94,7 +101,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             )
         if not isinstance(getattr(submitit_requeue, "__self__", None), SignalHandler):
             raise RuntimeError("checkpoint saved after SIGUSR2, but this is not a submitit job: cannot requeue")
-        print(f"{REQUEUE_LINE} (requeue {self.requeues + 1} of at most {self.max_requeues})", flush=True)
+        self._saved = True
         # submitit: calls checkpoint() below, writes the new submission, `scontrol requeue`, then exits
         submitit_requeue(signal.SIGUSR2, None)
 
@@ -104,5 +111,18 @@ class TrainJob(submitit.helpers.Checkpointable):
         if self.requeues >= self.max_requeues:
             print(f"dtrain: not requeued: max_requeues {self.max_requeues} reached", flush=True)
             return None
+        why = "checkpoint saved" if self._saved else "training had not started, nothing to save"
+        print(f"{REQUEUE_LINE} (requeue {self.requeues + 1} of at most {self.max_requeues}): {why}", flush=True)
         fresh = TrainJob(self.config, self.overrides, self.workdir, self.max_requeues, self.requeues + 1)
         return submitit.helpers.DelayedSubmission(fresh)
+
+
+def describe_rank(rank: int, world_size: int, local_rank: int) -> str:
+    """Where a rank runs: host, place on the node and the CPUs Slurm bound it to (and the torch threads it uses)."""
+    from dtrain.dist import rank_threads
+
+    cpus = sorted(os.sched_getaffinity(0))
+    return (
+        f"dtrain: rank {rank} of {world_size} on {socket.gethostname()}, node-local rank {local_rank}, "
+        f"CPUs {cpus}, torch threads {rank_threads(os.environ)}"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"  memory        {fit[0]}")
     if fit[0] != "fits" and fit[1:] and not args.allow_no_fit:
         raise ConfigError([f"memory: the run cannot fit: {'; '.join(fit[1:])} (--allow-no-fit to submit anyway)"])
+    storage = slurm.storage_problems(cfg, profile, plan.nodes, workdir)
+    if storage:
+        raise ConfigError(storage)
     _refuse_if_active(plan.folder)
     if args.dry_run:
         print(slurm.sbatch_script(plan.parameters, plan.folder, slurm.python_command(profile)), end="")
@@ -135,10 +139,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     record = slurm.latest_record(args.run)
     job_id, folder = record["job_id"], Path(record["folder"])
     state = slurm.job_state(job_id)
-    out0, _ = slurm.log_paths(folder, job_id, 0)
-    requeues = _requeue_lines(out0)
+    out0, err0 = slurm.log_paths(folder, job_id, 0)
+    log = _read(out0).splitlines()
+    requeues = [line for line in log if line.startswith(slurm.REQUEUE_LINE)]
     restarts = "" if state.restarts is None else f"; Slurm restarts {state.restarts}"
     print(f"job {job_id}: {state.state} {state.detail}{restarts}; requeued by dtrain {len(requeues)} time(s)")
+    print(f"  run           {_outcome(state.state, log, _srun_errors(err0))}")
     print(f"  submitted     {record['submitted']}: {record['config']} on {record['cluster']}")
     print(f"  progress      {_last_step(Path(record['metrics']))}")
     print(f"  checkpoint    {_newest_checkpoint(Path(record['checkpoint_dir']))}")
@@ -147,6 +153,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line in requeues:
         print(f"  {line}")
     return 0
+
+
+def _outcome(state: str, log: list[str], srun_errors: list[str]) -> str:
+    """What became of the training in the job's latest run. Slurm says COMPLETED for a run that finished and for
+    one that stopped early on SIGTERM after saving; rank 0's last line tells them apart."""
+    from dtrain_launch.slurm import ACTIVE_STATES, RUN_START_LINE
+
+    from dtrain.train import OUTCOME_LINE
+
+    if state in ACTIVE_STATES:
+        return "in progress (running, or queued to resume)"
+    starts = [i for i, line in enumerate(log) if line.startswith(RUN_START_LINE)]
+    latest = log[starts[-1] :] if starts else log
+    pattern = re.compile(OUTCOME_LINE.format(outcome="(.+)", step=r"(\d+)", total=r"(\d+)"))  # no other specials
+    ends = [m for m in map(pattern.fullmatch, latest) if m]
+    if ends:
+        outcome, step, total = ends[-1].groups()
+        if outcome == "finished":
+            return f"finished: {step}/{total} steps"
+        return f"stopped early at step {step}/{total} with a checkpoint, not requeued; resumable: submit it again"
+    if srun_errors:
+        return f"died: {srun_errors[0]}; resubmit to resume from the last complete checkpoint"
+    return f"ended ({state}) without finishing; resubmit to resume from the last complete checkpoint"
+
+
+def _srun_errors(batch_err: Path) -> list[str]:
+    """srun's own reports of dead tasks in the batch script's stderr, first death first: 'rank 2-3 on dtnode2:
+    Killed'. srun numbers tasks as dtrain numbers ranks."""
+    found = re.findall(r"^srun: error: (\S+): tasks? ([\d,-]+): (.+)$", _read(batch_err), re.M)
+    return [f"rank {tasks} on {node}: {what}" for node, tasks, what in found]
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -158,14 +194,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-def _requeue_lines(log: Path) -> list[str]:
+def _read(path: Path) -> str:
     try:
-        lines = log.read_text(errors="replace").splitlines()
+        return path.read_text(errors="replace")
     except OSError:
-        return []
-    from dtrain_launch.slurm import REQUEUE_LINE
-
-    return [line for line in lines if line.startswith(REQUEUE_LINE)]
+        return ""
 
 
 def _last_step(metrics: Path) -> str:

@@ -74,3 +74,14 @@ def test_lora_resume_on_other_world_size(tmp_path, tiny_model, reference_run, sa
     assert sorted(got) == list(range(5, FULL_STEPS + 1))
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_reshard_converts_ahead_of_time_and_the_resume_finds_it_cached(tmp_path, tiny_model, full_reference):
+    source = full_reference(2) / "checkpoints" / "step-00000004"
+    checkpoint = tmp_path / "run" / "checkpoints" / source.name
+    shutil.copytree(source, checkpoint)
+    config = write_config(tmp_path / "cfg.yaml", tiny_model)
+    out = run_dtrain("reshard", str(config), *FULL_OVERRIDES).stdout
+    assert f"{checkpoint / 'universal'}: converted in" in out, out
+    check = run_dtrain("check", str(config), *FULL_OVERRIDES, "--nproc", "1").stdout
+    assert "saved on 2 ranks, resumed on 1" in check and "universal checkpoint cached" in check, check

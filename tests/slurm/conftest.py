@@ -1,4 +1,5 @@
-"""Fixtures for tests that need a real Slurm: a single-node cluster started by slurm/testcluster/start.
+"""Fixtures for tests that need a real Slurm: the cluster of slurm/testcluster/start, with 2 nodes (each in its own
+network, UTS and mount namespace; DTRAIN_TESTCLUSTER_NODES=1 for a single node). Jobs of one node run on dtnode1.
 
 `slurm_cluster` (session): starts the cluster (installing Slurm on first use; needs root), sets
 os.environ["SLURM_CONF"], and stops it at the end of the session unless it was already running before (then it
@@ -38,6 +39,7 @@ class SlurmTestCluster:
     env: dict[str, str]  # what to add to a subprocess environment (SLURM_CONF, DTRAIN_TESTCLUSTER_DIR)
     start_seconds: float
     accounting: bool  # slurmdbd running: sacct works, so submitit sees jobs that die without a result
+    nodes: int  # compute nodes
     partitions: tuple[str, ...] = ("debug", "urgent")  # urgent (PriorityTier 10) preempts debug (REQUEUE)
     started_here: bool = field(default=True)
 
@@ -75,7 +77,7 @@ def slurm_cluster() -> Iterator[SlurmTestCluster]:
         env = {"SLURM_CONF": str(state_dir / "etc" / "slurm.conf"), "DTRAIN_TESTCLUSTER_DIR": str(state_dir)}
     else:
         proc = subprocess.run(
-            [str(START)],
+            [str(START), "--nodes", os.environ.get("DTRAIN_TESTCLUSTER_NODES", "2")],
             env={**os.environ, "DTRAIN_TESTCLUSTER_DIR": str(state_dir)},
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -94,8 +96,11 @@ def slurm_cluster() -> Iterator[SlurmTestCluster]:
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     accounting = "AccountingStorageType=accounting_storage/slurmdbd" in conf.read_text()
-    print(f"\n[slurm_cluster] start took {start_s:.1f} s (was already up: {was_up}, accounting: {accounting})")
-    cluster = SlurmTestCluster(state_dir, conf, env, start_s, accounting, started_here=not was_up)
+    nodes = conf.read_text().count("\nNodeName=")
+    print(
+        f"\n[slurm_cluster] start took {start_s:.1f} s ({nodes} nodes, up before: {was_up}, accounting: {accounting})"
+    )
+    cluster = SlurmTestCluster(state_dir, conf, env, start_s, accounting, nodes, started_here=not was_up)
     try:
         yield cluster
     finally:

@@ -1,11 +1,15 @@
-"""`dtrain submit | status | cancel` on the real single-node test Slurm (slurm/testcluster), and the parts that need
-no Slurm.
+"""`dtrain submit | status | cancel` on the real test Slurm (slurm/testcluster, 2 nodes in their own namespaces),
+and the parts that need no Slurm.
 
-On the cluster (marked slurm; the session fixture starts it): a tiny 2-rank ZeRO-3 run trains to completion as a
-Slurm job; a job interrupted the way preemption does it saves, is requeued and resumes to the losses of the
-uninterrupted run; a job whose rank crashes fails with the traceback in its log and is not requeued; cancel.
+On the cluster (marked slurm; the session fixture starts it): a tiny ZeRO-3 run on 2 nodes x 2 ranks trains to
+completion with the losses of a 4-rank run on one machine, every rank on its node and CPU; the same run interrupted
+the way preemption does it (once before training starts, once mid-run) saves one checkpoint on both nodes, is
+requeued and resumes to the losses of the uninterrupted run, with the time of each phase printed; a run stopped by
+SIGTERM alone shows as stopped early, a node lost mid-run fails the job naming the ranks and node, and a resubmit on
+one node resumes from the last complete checkpoint through the universal path; a job whose rank crashes fails with
+the traceback in its log and is not requeued; cancel.
 Without Slurm: config and profile errors are reported before anything reaches sbatch; the sbatch script for the
-example H100 profile matches tests/slurm/golden/; the stop signal the ranks agree on.
+example H100 profile matches tests/slurm/golden/; the stop signal the ranks agree on; the rendezvous port range.
 
 Run: pytest tests/slurm/test_submit.py -v -s   (prints a [timing] line per phase)
 """
@@ -24,6 +28,7 @@ import pytest
 import submitit
 from dtrain_launch.slurm import (
     REQUEUE_LINE,
+    RUN_START_LINE,
     executor_parameters,
     load_profile,
     plan_job,
@@ -32,6 +37,7 @@ from dtrain_launch.slurm import (
 )
 from slurm_helpers import wait_for
 
+from dtrain.checkpoint import STATE_FILE, complete_checkpoints
 from dtrain.config import ConfigError, load_config
 from dtrain.metrics import read_metrics
 from tests.helpers import FULL_OVERRIDES, FULL_STEPS, write_config
@@ -41,7 +47,10 @@ HERE = Path(__file__).resolve().parent
 TEST_PROFILE = REPO / "slurm" / "clusters" / "testcluster.yaml"
 H100_PROFILE = REPO / "slurm" / "clusters" / "h100.yaml"
 GOLDEN = HERE / "golden" / "h100-llama3-70b-4nodes.sbatch"
-FAULTS = HERE / "faults"  # sitecustomize.py: DTRAIN_TEST_CRASH=RANK:STEP makes that rank raise at that step
+FAULTS = HERE / "faults"  # sitecustomize.py: DTRAIN_TEST_CRASH=RANK:STEP makes that rank raise at that step;
+# DTRAIN_TEST_TIMELINE=1 makes every rank print the time of each phase of a stop
+FAULTS_PATH = {"PYTHONPATH": os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p)}
+WORLD_TOLERANCE = 1e-5  # relative, per step loss, between runs on different world sizes (test_resume_world_size)
 
 
 def _timing(name: str, seconds: float) -> None:
@@ -109,21 +118,92 @@ def last_step(run_dir: Path) -> int:
         return 0
 
 
+def assert_losses_close(got: Path, expected: Path, steps: range | list[int]) -> None:
+    for key in ("train/loss", "eval/loss"):
+        have, want = read_metrics(got, key), read_metrics(expected, key)
+        assert set(steps) & set(want) <= set(have), (key, sorted(have))
+        for step in set(steps) & set(want):
+            assert have[step] == pytest.approx(want[step], rel=WORLD_TOLERANCE), (key, step)
+
+
+def kill_ranks_on_node(job_id: str, node_index: int) -> list[int]:
+    """SIGKILL every task of the job's step on one node (SLURM_NODEID), as if that node died; returns the pids."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(line.split("=", 1) for line in (proc / "environ").read_text().split("\0") if "=" in line)
+            cmdline = (proc / "cmdline").read_text()
+        except (OSError, ValueError):
+            continue
+        if (env.get("SLURM_JOB_ID"), env.get("SLURM_NODEID")) == (job_id, str(node_index)) and (
+            "submitit.core._submit" in cmdline
+        ):
+            os.kill(int(proc.name), 9)
+            killed.append(int(proc.name))
+    return killed
+
+
+def rank_lines(job: Submitted, world: int) -> dict[int, re.Match]:
+    """rank -> the `dtrain: rank R of W on HOST, node-local rank L, CPUs [...], torch threads T` line of its log."""
+    pattern = re.compile(r"^dtrain: rank (\d+) of (\d+) on (\S+), node-local rank (\d+), CPUs \[([\d, ]*)\], "
+                         r"torch threads (\d+)$", re.M)  # fmt: skip
+    return {rank: pattern.search(job.log_text(rank)) for rank in range(world)}
+
+
+def timeline(job: Submitted, world: int, since: float) -> dict[str, float]:
+    """Phases of the first stop after `since`, in seconds, from the `dtrain-timeline:` marks of every rank's log
+    (see faults/sitecustomize.py) and submitit's start line of the requeued run."""
+    marks: dict[int, list[tuple[str, float]]] = {}
+    for rank in range(world):
+        found = re.findall(r"^dtrain-timeline: (\S+) ([\d.]+)$", job.log_text(rank), re.M)
+        marks[rank] = [(event, float(t)) for event, t in found if float(t) >= since]
+
+    def first(event: str, rank: int = 0, after: float = since) -> float:
+        return next(t for e, t in marks[rank] if e == event and t >= after)
+
+    def slowest(start: str, end: str) -> float:
+        return max(first(end, rank) - first(start, rank) for rank in range(world))
+
+    t = {name: first(name) for name in ("shards-written", "prune-begin", "prune-done", "requeue-asked",
+                                        "requeue-done", "resumed")}  # fmt: skip
+    t["renamed"] = max(x for e, x in marks[0] if e == "renamed" and x <= t["prune-begin"])
+    t["all-stopped"] = max(first("stop-agreed", rank) for rank in range(world))
+    t["all-saved"] = max(first("save-done", rank) for rank in range(world))
+    started = re.findall(r"^submitit INFO \((\S+ \S+)\) - Starting with", job.log_text(0), re.M)
+    restarts = [time.mktime(time.strptime(s.split(",")[0], "%Y-%m-%d %H:%M:%S")) for s in started]
+    t["running-again"] = next(r for r in restarts if r >= int(t["requeue-done"]))
+    return {
+        "signal -> every rank at the step boundary, stop agreed (finish step)": t["all-stopped"] - since,
+        "save: writing its shards (slowest rank)": slowest("save-begin", "fsync-begin"),
+        "fsync of its own files (slowest rank)": slowest("fsync-begin", "fsync-done"),
+        "barrier -> rank 0 has all shards": t["shards-written"] - max(first("fsync-done", r) for r in range(world)),
+        "metadata, fsync of folders, rename, fsync parent (rank 0)": t["renamed"] - t["shards-written"],
+        "prune in the step path (rename away; deletion in the background)": t["prune-done"] - t["prune-begin"],
+        "final barrier (all ranks done saving)": t["all-saved"] - t["prune-done"],
+        "requeue (scontrol requeue by rank 0)": t["requeue-done"] - t["requeue-asked"],
+        "requeued -> running again (Slurm, 1 s resolution)": t["running-again"] - t["requeue-done"],
+        "running again -> checkpoint loaded (start-up + load)": t["resumed"] - t["running-again"],
+        "signal -> resumed, total": t["resumed"] - since,
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # On the test cluster
 
 
 @pytest.fixture(scope="module")
 def finished_run(slurm_cluster, tiny_model, tmp_path_factory) -> Submitted:
-    """An uninterrupted tiny 2-rank ZeRO-3 run submitted with `dtrain submit`, waited for until it left the queue."""
-    job = submit_tiny(tmp_path_factory.mktemp("submit-finished"), tiny_model)
-    _timing("submit -> job done (uninterrupted run)", wait_gone(slurm_cluster, job, timeout=300))
+    """An uninterrupted tiny ZeRO-3 run submitted with `dtrain submit` on every node of the test cluster, 2 ranks per
+    node, waited for until it left the queue."""
+    job = submit_tiny(tmp_path_factory.mktemp("submit-finished"), tiny_model, "--nodes", str(slurm_cluster.nodes))
+    _timing(f"submit -> job done (uninterrupted run, {slurm_cluster.nodes} nodes)", wait_gone(slurm_cluster, job, 600))
     return job
 
 
 @pytest.mark.slurm
-def test_submit_trains_to_completion(finished_run, slurm_cluster):
-    job, run = finished_run, finished_run.run_dir
+def test_submit_trains_to_completion(finished_run, slurm_cluster, full_reference):
+    job, run, nodes = finished_run, finished_run.run_dir, slurm_cluster.nodes
+    world = 2 * nodes
     info = scontrol_job(slurm_cluster, job.job_id)
     assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "0", "0:0"), job.log_text(0, "err")
 
@@ -137,52 +217,85 @@ def test_submit_trains_to_completion(finished_run, slurm_cluster):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(read_metrics(run)) == list(range(1, FULL_STEPS + 1))
     assert f"saved {final}" in job.log_text(0)
-    assert "Job completed successfully" in job.log_text(0) and "Job completed successfully" in job.log_text(1)
+    assert all("Job completed successfully" in job.log_text(rank) for rank in range(world))
+
+    # every rank ran where Slurm put it: 2 per node, each bound to its own CPU (cpus_per_task 1) and using it alone;
+    # the rendezvous crossed the nodes' network to the first node
+    lines = rank_lines(job, world)
+    hosts = {}
+    for rank, line in lines.items():
+        assert line, (rank, job.log_text(rank))
+        assert (int(line[1]), int(line[2]), int(line[4]), int(line[6])) == (rank, world, rank % 2, 1), line[0]
+        assert len(line[5].split(",")) == 1, line[0]
+        hosts.setdefault(line[3], set()).add(line[5])
+    assert len(hosts) == nodes and all(len(cpus) == 2 for cpus in hosts.values()), hosts  # distinct CPUs per node
+    assert f"rendezvous {sorted(hosts)[0]}:" in job.log_text(0)
+
+    # the same losses as the same number of ranks on one machine (torchrun)
+    assert_losses_close(run, full_reference(world), range(1, FULL_STEPS + 1))
 
     # the batch script submitit wrote is the one the pure functions (and the golden test) produce
     cfg = load_config(run.parent / "cfg.yaml", FULL_OVERRIDES)
     profile = load_profile(TEST_PROFILE)
-    plan = plan_job(cfg, profile, None, REPO)
+    plan = plan_job(cfg, profile, nodes, REPO)
     expected = sbatch_script(plan.parameters, plan.folder, python_command(profile))
     assert (job.folder / f"{job.job_id}_submission.sh").read_text() == expected
 
     status = dtrain("status", str(run))
     assert status.returncode == 0, status.stderr
     assert f"job {job.job_id}: COMPLETED" in status.stdout and f"step {FULL_STEPS}," in status.stdout, status.stdout
-    assert str(final) in status.stdout
+    assert f"finished: {FULL_STEPS}/{FULL_STEPS} steps" in status.stdout and str(final) in status.stdout
 
     # resubmitted on another node count, the run is checked as a resume on that world size, global batch kept
+    other = 1 if nodes > 1 else 2
     dry = dtrain("submit", str(run.parent / "cfg.yaml"), *FULL_OVERRIDES, "--cluster", str(TEST_PROFILE),
-                 "--nodes", "2", "--dry-run")  # fmt: skip
+                 "--nodes", str(other), "--dry-run")  # fmt: skip
     assert dry.returncode == 0, dry.stderr
-    assert f"resume from {final}" in dry.stdout and "saved on 2 ranks, resumed on 4: global batch 8 kept" in dry.stdout
+    assert f"resume from {final}" in dry.stdout
+    assert f"saved on {world} ranks, resumed on {2 * other}: global batch 8 kept" in dry.stdout
 
 
 @pytest.mark.slurm
 def test_interrupted_job_saves_requeues_and_resumes_to_equal_losses(finished_run, slurm_cluster, tiny_model, tmp_path):
-    job = submit_tiny(tmp_path, tiny_model)
-    t0 = job.submitted_at
-    wait_for(lambda: last_step(job.run_dir) >= 2, 300, "the job to log step 2")
-    t_interrupt = time.monotonic()
-    _timing("submit -> step 2 logged", t_interrupt - t0)
-    # what submitit's own tests do to simulate preemption: SIGTERM, then SIGUSR2, to every task
-    submitit.SlurmJob(folder=job.folder, job_id=job.job_id)._interrupt()
+    """Interrupted as preemption does it (SIGTERM then SIGUSR2 to every task, what submitit's own tests do): once
+    before training started (submitit requeues at once), once mid-run (all ranks on both nodes save one checkpoint
+    at the same step boundary, rank 0 requeues, the older checkpoint is pruned). Prints the time of each phase of the
+    second stop."""
+    nodes, world = slurm_cluster.nodes, 2 * slurm_cluster.nodes
+    timeline_env = {"DTRAIN_TEST_TIMELINE": "1", **FAULTS_PATH}
+    job = submit_tiny(tmp_path, tiny_model, "checkpoint.keep_last=1", "--nodes", str(nodes), env=timeline_env)
+    interrupt = submitit.SlurmJob(folder=job.folder, job_id=job.job_id)._interrupt
 
-    wait_for(lambda: REQUEUE_LINE in job.log_text(0), 120, "rank 0 to save and requeue")
-    _timing("interrupt -> checkpoint saved, requeue requested", time.monotonic() - t_interrupt)
-    wait_for(lambda: "resumed from" in job.log_text(0), 240, "the requeued job to resume")
-    _timing("interrupt -> requeued job resumed from the checkpoint", time.monotonic() - t_interrupt)
-    wait_gone(slurm_cluster, job, timeout=300)
-    _timing("interrupt -> requeued job done", time.monotonic() - t_interrupt)
+    wait_for(lambda: RUN_START_LINE in job.log_text(0), 300, "the job to start")
+    interrupt()  # the model is still loading: submitit's own handler requeues at once
+    wait_for(lambda: REQUEUE_LINE in job.log_text(0), 120, "rank 0 to requeue before training")
+    wait_for(lambda: last_step(job.run_dir) >= 5, 400, "the requeued job to log step 5 (step 4 saved)")
+    t_interrupt = time.time()
+    interrupt()
+    wait_for(lambda: job.log_text(0).count(REQUEUE_LINE) == 2, 120, "rank 0 to save and requeue")
+    _timing("interrupt -> checkpoint saved, requeue requested", time.time() - t_interrupt)
+    # one checkpoint, written by the ranks of both nodes together; step 4 pruned (keep_last 1)
+    saved = complete_checkpoints(job.run_dir / "checkpoints")
+    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) >= 5, saved
+    assert len(list((saved[0] / "rng").glob("rank-*.safetensors"))) == world
+    assert len(list((saved[0] / "ds").glob("*optim_states.pt"))) == world
+    wait_for(lambda: "resumed from" in job.log_text(0), 300, "the requeued job to resume")
+    _timing("interrupt -> requeued job resumed from the checkpoint", time.time() - t_interrupt)
+    wait_gone(slurm_cluster, job, timeout=400)
+    _timing("interrupt -> requeued job done", time.time() - t_interrupt)
+    for phase, seconds in timeline(job, world, t_interrupt).items():
+        print(f"\n[timing] timeline: {phase}: {seconds:.3f} s")
 
     info = scontrol_job(slurm_cluster, job.job_id)
-    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), job.log_text(0, "err")
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "2"), job.log_text(0, "err")
     log = job.log_text(0)
-    before_requeue = log[: log.index(REQUEUE_LINE)]
-    saved = re.findall(r"^saved (\S+/step-(\d{8}))$", before_requeue, re.M)[-1]
-    step = int(saved[1])
-    assert 2 <= step < FULL_STEPS, log  # stopped mid-run, at a step boundary
-    assert f"resumed from {saved[0]} at step {step}" in log
+    requeues = [line for line in log.splitlines() if line.startswith(REQUEUE_LINE)]
+    assert requeues == [f"{REQUEUE_LINE} (requeue 1 of at most 3): training had not started, nothing to save",
+                        f"{REQUEUE_LINE} (requeue 2 of at most 3): checkpoint saved"], requeues  # fmt: skip
+    stopped = re.findall(r"^saved (\S+/step-(\d{8}))$", log[: log.index(requeues[1])], re.M)[-1]
+    step = int(stopped[1])
+    assert stopped[0] == str(saved[0]) and 5 <= step < FULL_STEPS, log  # stopped mid-run, at a step boundary
+    assert f"resumed from {stopped[0]} at step {step}" in log
     assert log.count("Job completed successfully") == 1
 
     # the same losses (train and eval) as the run nobody interrupted
@@ -190,7 +303,51 @@ def test_interrupted_job_saves_requeues_and_resumes_to_equal_losses(finished_run
         assert read_metrics(job.run_dir, key) == read_metrics(finished_run.run_dir, key), key
 
     status = dtrain("status", str(job.run_dir))
-    assert "requeued by dtrain 1 time(s)" in status.stdout and "Slurm restarts 1" in status.stdout, status.stdout
+    assert "requeued by dtrain 2 time(s)" in status.stdout and "Slurm restarts 2" in status.stdout, status.stdout
+    assert f"finished: {FULL_STEPS}/{FULL_STEPS} steps" in status.stdout, status.stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_stopped_early_then_node_lost_then_resumed_on_one_node(finished_run, slurm_cluster, tiny_model, tmp_path):
+    """One run folder, three jobs: stopped by SIGTERM alone (Slurm: COMPLETED; status: stopped early, resumable);
+    resubmitted on 2 nodes, where the second node does not see that checkpoint yet (a stale file-system view) and
+    still resumes from rank 0's choice, and its ranks SIGKILLed after a checkpoint (FAILED, status names them);
+    resubmitted on 1 node: resumes from the newest complete checkpoint through the universal path, and ends with
+    the losses of the uninterrupted 2-node run within the world-size tolerance."""
+    if slurm_cluster.nodes < 2:
+        pytest.skip("needs the 2-node test cluster")
+    ckpts = tmp_path / "run" / "checkpoints"
+    job = submit_tiny(tmp_path, tiny_model, "--nodes", "2")
+    wait_for(lambda: last_step(job.run_dir) >= 2, 400, "the job to log step 2")
+    slurm_cluster.run("scancel", "--signal=TERM", job.job_id)  # SIGTERM alone: stop, no requeue
+    wait_gone(slurm_cluster, job, timeout=300)
+    info = scontrol_job(slurm_cluster, job.job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), info
+    stopped = complete_checkpoints(ckpts)[-1]
+    step = int(stopped.name.split("-")[1])
+    status = dtrain("status", str(job.run_dir)).stdout
+    assert f"stopped early at step {step}/{FULL_STEPS} with a checkpoint, not requeued; resumable" in status, status
+
+    job = submit_tiny(tmp_path, tiny_model, "--nodes", "2", env={"DTRAIN_TEST_STALE_VIEW": "1", **FAULTS_PATH})
+    assert f"resume from {stopped} (step {step}," in job.output
+    wait_for(lambda: (ckpts / "step-00000004" / STATE_FILE).is_file() and last_step(job.run_dir) >= 5, 400,
+             "a checkpoint at step 4 and step 5 logged")  # fmt: skip
+    assert len(kill_ranks_on_node(job.job_id, 1)) == 2
+    _timing("SIGKILL of node 2's ranks -> job gone", wait_gone(slurm_cluster, job, timeout=120))
+    assert scontrol_job(slurm_cluster, job.job_id)["JobState"] == "FAILED"
+    status = dtrain("status", str(job.run_dir)).stdout
+    assert "died: rank 2-3 on dtnode2: Killed; resubmit to resume" in status, status
+    newest = complete_checkpoints(ckpts)[-1]
+
+    job = submit_tiny(tmp_path, tiny_model, "--nodes", "1")
+    assert f"resume from {newest}" in job.output and "universal checkpoint converted once at start" in job.output
+    _timing("resubmit on 1 node -> done (universal conversion)", wait_gone(slurm_cluster, job, timeout=400))
+    log = job.log_text(0)
+    assert f"resumed from {newest} at step" in log and "(universal checkpoint)" in log, log
+    assert scontrol_job(slurm_cluster, job.job_id)["JobState"] == "COMPLETED"
+    assert sorted(read_metrics(job.run_dir)) == list(range(1, FULL_STEPS + 1))
+    assert_losses_close(job.run_dir, finished_run.run_dir, range(1, FULL_STEPS + 1))
 
 
 @pytest.mark.slurm
@@ -252,6 +409,16 @@ def test_config_error_is_reported_before_anything_reaches_sbatch(tiny_model, tmp
                     str(TEST_PROFILE), "--nodes", "2", env=env)  # fmt: skip
     assert uneven.returncode == 2 and "train.global_batch_size" in uneven.stderr, uneven.stderr
 
+    # a multi-node run whose checkpoints or data cache would be node-local (the profile says which folders are)
+    local = "/tmp/dtrain-testcluster/local"
+    placed = [f"checkpoint.dir={local}/ckpt", f"data.cache_dir={local}/cache"]
+    node_local = dtrain("submit", str(config), *FULL_OVERRIDES, *placed, "--cluster", str(TEST_PROFILE), "--nodes", "2",
+                        env=env)  # fmt: skip
+    assert node_local.returncode == 2, node_local.stdout + node_local.stderr
+    assert f"checkpoint.dir: {local}/ckpt is node-local on this cluster" in node_local.stderr, node_local.stderr
+    assert f"data.cache_dir: {local}/cache is node-local" in node_local.stderr and "output_dir" not in node_local.stderr
+    assert "must be on shared storage for 2 nodes" in node_local.stderr
+
     assert not (tmp_path / "sbatch-was-called").exists()
     assert not (tmp_path / "run").exists()  # no snapshot, no submitit folder
 
@@ -300,3 +467,34 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.stdout.strip().endswith("ok"), proc.stderr
+
+
+def test_rendezvous_port_is_below_the_ephemeral_range_and_new_after_a_requeue():
+    from dtrain_launch.slurm_job import rendezvous_port
+
+    ports = {(job, restart): rendezvous_port(str(job), restart) for job in range(1, 3000) for restart in range(3)}
+    assert all(20000 <= port < 32768 for port in ports.values())  # Linux hands out 32768-60999 itself
+    assert all(ports[job, 0] != ports[job, 1] for job in range(1, 3000))
+
+
+def test_wckey_comes_from_the_profile(tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("tasks_per_node: 2\nwckey: llm-team\n")
+    params = executor_parameters(load_profile(profile), 1, "x")
+    assert "#SBATCH --wckey=llm-team\n" in sbatch_script(params, tmp_path, "python")
+    # by default none is sent (submitit's own default `submitit` is refused where wckeys are checked)
+    assert "--wckey" not in sbatch_script(executor_parameters(load_profile(TEST_PROFILE), 1, "x"), tmp_path, "python")
+
+
+def test_status_tells_finished_from_stopped_early_and_names_dead_ranks():
+    from dtrain_launch.submit_cmd import _outcome
+
+    start = f"{RUN_START_LINE} 7 on dtnode1: 4 ranks"
+    stopped = "dtrain: run stopped (checkpoint saved, resumable) at step 9 of 30"
+    finished = "dtrain: run finished at step 30 of 30"
+    assert _outcome("COMPLETED", [start, stopped], []).startswith("stopped early at step 9/30 with a checkpoint")
+    assert _outcome("COMPLETED", [start, stopped, start, finished], []) == "finished: 30/30 steps"
+    # a requeued run that died later is not taken for the earlier run that stopped
+    died = _outcome("FAILED", [start, stopped, start], ["rank 2-3 on dtnode2: Killed"])
+    assert died.startswith("died: rank 2-3 on dtnode2: Killed; resubmit"), died
+    assert _outcome("RUNNING", [start], []).startswith("in progress")

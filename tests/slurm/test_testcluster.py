@@ -1,18 +1,27 @@
-"""Smoke tests of the single-node test Slurm (slurm/testcluster) driven through submitit.
+"""Smoke tests of the test Slurm (slurm/testcluster) driven through submitit, and a multi-node torchrun by hand
+across its two nodes.
 
 Run: pytest tests/slurm -v -s   (as root; the session fixture installs/starts the cluster and stops it at the end)
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import submitit
 from slurm_helpers import job_logs, wait_done, wait_for
 from testcluster_jobs import SleepUntilCheckpointed, gloo_allreduce, sleep_then_return
 
+from dtrain.metrics import read_metrics
+from tests.helpers import FULL_OVERRIDES, FULL_STEPS, write_config
+
 pytestmark = pytest.mark.slurm
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _timing(name: str, seconds: float) -> None:
@@ -85,8 +94,9 @@ def test_sacct_sees_job_cancelled_before_result(submitit_executor, slurm_cluster
 def test_urgent_partition_preempts_debug(submitit_executor, slurm_cluster, tmp_path):
     """A job in `urgent` (higher PriorityTier) preempts a running `debug` job, which Slurm requeues and reruns."""
     cpus = int(slurm_cluster.run("sinfo", "-h", "-p", "debug", "-o", "%c").split()[0])
+    whole = dict(cpus_per_task=cpus, nodes=slurm_cluster.nodes)  # every CPU of every node: nothing else fits
     marker = tmp_path / "low-started"
-    low = submitit_executor(name="low", cpus_per_task=cpus).submit(
+    low = submitit_executor(name="low", **whole).submit(
         # a preempted submitit job ignores SIGTERM: a first run shorter than KillWait (5 s) would finish anyway
         sleep_then_return,
         1,
@@ -96,11 +106,54 @@ def test_urgent_partition_preempts_debug(submitit_executor, slurm_cluster, tmp_p
     wait_for(marker.exists, 120, "debug job to start")
     marker.unlink()
     t0 = time.monotonic()
-    high = submitit_executor(name="high", cpus_per_task=cpus, slurm_partition="urgent").submit(sleep_then_return, 1)
+    high = submitit_executor(name="high", slurm_partition="urgent", **whole).submit(sleep_then_return, 1)
     wait_done(high, timeout=120)
     _timing("urgent submit -> done (preempting the debug job)", time.monotonic() - t0)
     wait_for(marker.exists, 120, "preempted debug job to run again")
     _timing("urgent submit -> preempted debug job running again", time.monotonic() - t0)
     wait_done(low, timeout=120)
-    assert high.result()["restart_count"] == 0
-    assert low.result()["restart_count"] >= 1, job_logs(low)
+    assert high.results()[0]["restart_count"] == 0  # results(): one per task, i.e. per node here
+    assert low.results()[0]["restart_count"] >= 1, job_logs(low)
+
+
+@pytest.mark.slow
+def test_torchrun_by_hand_across_two_nodes(slurm_cluster, tiny_model, full_reference, tmp_path):
+    """The README's multi-node command, one torchrun per node (slurm/testcluster/on runs it inside the node's
+    namespaces): the c10d rendezvous on dtnode1 crosses the nodes' network; the losses are a 4-rank run's."""
+    if slurm_cluster.nodes < 2:
+        pytest.skip("needs the 2-node test cluster")
+    config = write_config(tmp_path / "cfg.yaml", tiny_model)
+    env = {**os.environ, **slurm_cluster.env, "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [
+                str(REPO / "slurm" / "testcluster" / "on"),
+                f"dtnode{node + 1}",
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--nproc_per_node=2",
+                "--rdzv_backend=c10d",
+                "--rdzv_endpoint=dtnode1:29411",
+                "-m",
+                "dtrain.train",
+                str(config),
+                *FULL_OVERRIDES,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for node in range(2)
+    ]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    _timing("torchrun on 2 nodes x 2 ranks, by hand", time.monotonic() - t0)
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    got, want = read_metrics(tmp_path / "run"), read_metrics(full_reference(4))
+    assert sorted(got) == list(range(1, FULL_STEPS + 1))
+    assert all(got[step] == pytest.approx(want[step], rel=1e-5) for step in got), (got, want)
