@@ -1,7 +1,7 @@
-"""Read rows from local files, naming file and line for every problem.
+"""Read rows from one local file, naming file and line for every problem.
 
 .jsonl and .json are parsed here, line by line with strict UTF-8, because `datasets`' JSON loader reports a
-malformed line without its line number. .parquet and .csv go through `datasets`. Each row comes back as
+malformed line without its line number. .parquet, .csv and .arrow go through `datasets`. Each row comes back as
 `(where, row)`, where `where` is "path:line" (or "path row N"), or as `(where, RowError)` for a row that could not
 be parsed, so the caller decides between stopping and skipping.
 """
@@ -16,6 +16,8 @@ from typing import Any
 from dtrain.data.errors import DataError, RowError
 
 RowOrError = tuple[str, "dict[str, Any] | RowError"]
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+"""Suffix of a data file -> the `datasets` builder that reads it."""
 
 
 def read_rows(path: str | Path) -> Iterator[RowOrError]:
@@ -27,10 +29,10 @@ def read_rows(path: str | Path) -> Iterator[RowOrError]:
         yield from _read_jsonl(path)
     elif suffix == ".json":
         yield from _read_json(path)
-    elif suffix in (".parquet", ".csv"):
-        yield from _read_with_datasets(path, suffix[1:])
+    elif suffix in FILE_FORMATS:
+        yield from _read_with_datasets(path, FILE_FORMATS[suffix])
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv)")
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(FILE_FORMATS)})")
 
 
 def _read_jsonl(path: Path) -> Iterator[RowOrError]:

@@ -1,0 +1,44 @@
+"""Tokenizing rows in several processes with exactly the result of one.
+
+Rows are cut into consecutive chunks in reading order; forked workers (they inherit the tokenizer, the chat template
+and the row function, so nothing is pickled but rows and results) tokenize a chunk each, and `Pool.imap` hands the
+results back in chunk order. Everything that depends on order (skip counts, the mixture, packing) then runs in the
+parent exactly as with one process, so the samples are identical for any `data.num_proc`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+CHUNK_ROWS = 256  # large enough that pickling overhead stays small, small enough to keep both workers busy
+
+_row_fn: Callable[[Any], Any] | None = None  # set in the parent right before the fork; workers inherit it
+
+
+def ordered_map(fn: Callable[[Any], Any], rows: Iterable[tuple[str, Any]], num_proc: int) -> Iterator[tuple[str, Any]]:
+    """(where, fn(row)) for each (where, row), in input order, computed by `num_proc` processes."""
+    if num_proc <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for where, row in rows:
+            yield where, fn(row)
+        return
+    global _row_fn
+    _row_fn = fn
+    wheres: deque[list[str]] = deque()  # filled by imap's feeder thread; results come back in the same order
+
+    def row_chunks() -> Iterator[list[Any]]:
+        iterator = iter(rows)
+        while chunk := list(itertools.islice(iterator, CHUNK_ROWS)):
+            wheres.append([where for where, _ in chunk])
+            yield [row for _, row in chunk]
+
+    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+        for results in pool.imap(_apply_chunk, row_chunks()):
+            yield from zip(wheres.popleft(), results, strict=True)
+
+
+def _apply_chunk(rows: list[Any]) -> list[Any]:
+    return [_row_fn(row) for row in rows]
