@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -35,9 +36,15 @@ def ordered_map(fn: Callable[[Any], Any], rows: Iterable[tuple[str, Any]], num_p
             wheres.append([where for where, _ in chunk])
             yield [row for _, row in chunk]
 
-    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+    with multiprocessing.get_context("fork").Pool(num_proc, initializer=_one_thread_per_worker) as pool:
         for results in pool.imap(_apply_chunk, row_chunks()):
             yield from zip(wheres.popleft(), results, strict=True)
+
+
+def _one_thread_per_worker() -> None:
+    # Each worker tokenizes one row at a time: the tokenizers library's own thread pool would only make the
+    # workers compete for the same cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _apply_chunk(rows: list[Any]) -> list[Any]:
