@@ -29,6 +29,8 @@ import submitit
 from dtrain_launch.slurm import REQUEUE_LINE
 from submitit.core.job_environment import SignalHandler
 
+from dtrain.hub import RANK_ENV
+
 
 def rendezvous_port(job_id: str, restart_count: int) -> int:
     """The same port on every task of one run, a new one after each requeue (the old run's sockets may linger)."""
@@ -65,6 +67,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from dtrain.train import main as train_main
 
         os.chdir(self.workdir)  # relative paths in the config resolve where `dtrain submit` validated them
+        os.environ.update(RANK_ENV)  # before dtrain.train imports huggingface_hub, which reads it once
         submitit_requeue = signal.getsignal(signal.SIGUSR2)  # before the trainer's StopFlag replaces it
         env = export_rank_environment()
         if env.rank == 0:

@@ -5,8 +5,8 @@
 - glob:   a pattern of such files (`data/part-*.parquet`), read with `datasets.load_dataset(<format>, data_files=...)`;
 - saved:  a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, read with `load_from_disk`;
 - folder: any other local folder `datasets.load_dataset` understands (data files, a README with configs);
-- hub:    a Hub dataset id (`org/name`). It is resolved to a snapshot in the local Hugging Face cache with
-  huggingface_hub (downloaded where there is network; with HF_HUB_OFFLINE only the cache is read) and then read
+- hub:    a Hub dataset id (`org/name`). It is resolved to a snapshot in the local Hugging Face cache (dtrain.hub:
+  downloaded where there is network; with HF_HUB_OFFLINE, as on the ranks, only the cache is read) and then read
   like a folder, so `name`, `split` and `data_files` mean what they mean to `load_dataset`, and the resolved commit
   is the content key: nothing is hashed.
 Rows of every source but a single file are named "<path> (split S) row index I", the index `dataset[I]` gives.
@@ -15,17 +15,16 @@ Rows of every source but a single file are named "<path> (split S) row index I",
 from __future__ import annotations
 
 import glob
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dtrain import hub
 from dtrain.data.errors import DataError
 from dtrain.data.knobs import knob
 from dtrain.data.readers import FILE_FORMATS, RowOrError, read_rows
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 GLOB_CHARS = set("*?[")
 
 
@@ -73,24 +72,17 @@ def resolve_source(ds) -> Source:
     if path.is_dir():
         saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
         return Source("saved" if saved else "folder", given, path)
-    if HUB_ID.match(given):
+    if hub.is_hub_id(given):
         return _resolve_hub(given, knob(ds, "revision"))
     raise DataError(f"{given}: neither a local file, glob, folder, nor a Hub dataset id (org/name)")
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> Source:
-    from huggingface_hub import constants, snapshot_download
-
     try:
-        folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
-    except Exception as e:  # not cached offline, unknown repo, no network: all mean "not available here"
-        rev = f" --revision {revision}" if revision else ""
-        raise DataError(
-            f"{repo_id}: Hub dataset not available ({type(e).__name__}; cache {constants.HF_HUB_CACHE}, "
-            f"offline {constants.HF_HUB_OFFLINE}); download it where there is network with "
-            f"`hf download {repo_id} --repo-type dataset{rev}` into the cache the ranks use (HF_HOME / HF_HUB_CACHE)"
-        ) from None
-    return Source("hub", repo_id, folder, commit=folder.name)
+        resolved = hub.resolve(repo_id, revision, repo_type="dataset")
+    except hub.HubError as e:
+        raise DataError(str(e)) from None
+    return Source("hub", repo_id, resolved.local, commit=resolved.commit)
 
 
 def read_source(source: Source, ds) -> Iterator[RowOrError]:

@@ -124,7 +124,7 @@ def test_missing_hub_dataset_is_one_line_saying_how_to_download(make_cfg, tokeni
     with pytest.raises(DataError) as error:
         prepare_data(make_cfg(source("acme/absent", revision="v2")), tokenizer, rank=0, world_size=1)
     message = str(error.value)
-    assert "\n" not in message and "hf download acme/absent --repo-type dataset --revision v2" in message
+    assert "\n" not in message and "`hf download acme/absent --repo-type dataset --revision v2`" in message
 
 
 def test_bad_row_of_a_datasets_source_names_dataset_split_and_row_index(tmp_path, make_cfg, tokenizer):
