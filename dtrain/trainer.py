@@ -15,6 +15,7 @@ from dtrain.config import Config
 from dtrain.data import PreparedData, collate, prepare_data
 from dtrain.dist import DistEnv
 from dtrain.ds_config import build_deepspeed_config
+from dtrain.finish import export_on_finish, on_finish_kind
 from dtrain.layout import BatchLayout
 from dtrain.metrics import MetricsLogger
 from dtrain.model import strategy_for
@@ -90,6 +91,9 @@ class Trainer:
             if self.checkpointer.should_save(progress.step, finished, stopping):
                 saved = self.checkpointer.save(self.engine, progress)
                 log.message(f"saved {saved}")
+        if progress.step >= self.total_steps and on_finish_kind(self.cfg) != "none" and self.env.is_main:
+            kind = on_finish_kind(self.cfg)
+            log.message(f"exported ({kind}) {export_on_finish(self.cfg, kind)}")
         log.close()
         return FitResult(progress, preempted=stopping and progress.step < self.total_steps)
 

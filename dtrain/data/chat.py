@@ -29,6 +29,15 @@ DEFAULT_ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # sharegpt's names
 PASSED_THROUGH = ("tool_calls", "tool_call_id", "name")  # message keys handed to the template when present
 
 
+def training_chat_template(cfg, tokenizer) -> str | None:
+    """The template chats are rendered with: data.chat_template, else the tokenizer's (its default when it carries
+    several). Exports write this one into the tokenizer they save."""
+    template = cfg.data.chat_template or getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()))
+    return template
+
+
 def chat_example(row: dict[str, Any], ds, tokenizer, template: str) -> Example:
     roles = list(knob(ds, "roles_to_train"))
     messages = normalize_messages(row, ds, roles)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dtrain.data.cache import DONE_FILE, build_once, cache_key, cache_root
-from dtrain.data.chat import chat_example
+from dtrain.data.chat import chat_example, training_chat_template
 from dtrain.data.errors import DataError, RowError
 from dtrain.data.formats import IGNORE, Example, instruction_example, text_example
 from dtrain.data.knobs import default_num_proc, knob
@@ -111,17 +111,16 @@ def build_prepared(cfg, tokenizer) -> tuple[Samples, Samples | None, PrepareRepo
 
 
 def resolve_chat_template(cfg, tokenizer) -> str | None:
-    """The configured template wins; else the tokenizer's; a chat dataset with neither is a clear error."""
-    needs_chat = any(ds.format == "chat" for ds in cfg.data.datasets + cfg.data.eval_datasets)
-    template = cfg.data.chat_template or getattr(tokenizer, "chat_template", None)
-    if needs_chat and not template:
+    """The template for chat datasets (None without any); a chat dataset with no template is a clear error."""
+    if not any(ds.format == "chat" for ds in cfg.data.datasets + cfg.data.eval_datasets):
+        return None
+    template = training_chat_template(cfg, tokenizer)
+    if not template:
         raise DataError(
             f"tokenizer {cfg.tokenizer_path or '(given)'} has no chat template, and format: chat needs one: "
             "set data.chat_template to a Jinja template (see dtrain.tiny.CHAT_TEMPLATE for ChatML)"
         )
-    if isinstance(template, dict):  # some tokenizers carry several named templates
-        template = template.get("default") or next(iter(template.values()))
-    return template if needs_chat else None
+    return template
 
 
 def tokenize_dataset(ds, data, tokenizer, chat_template: str | None) -> tuple[list[Example], DatasetReport]:
