@@ -18,18 +18,6 @@ from tests.hub_cache import add_to_hub_cache
 ROWS = [json.loads(line) for line in (SAMPLE_DIR / "text.jsonl").read_text().splitlines()[:40]]
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    """No network, and the datasets / hub caches inside tmp_path (never the user's ~/.cache)."""
-    import datasets
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return tmp_path / "hub"
-
-
 def write_jsonl(path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -100,14 +88,14 @@ configs:
 
 
 def test_hub_dataset_from_the_local_cache_with_name_split_revision_data_files(
-    tmp_path, offline, make_cfg, tokenizer, reference
+    tmp_path, private_hf_caches, make_cfg, tokenizer, reference
 ):
     repo = tmp_path / "repo"
     write_jsonl(repo / "data" / "train-0.jsonl", ROWS[:20])
     (repo / "README.md").write_text(README)
-    old = add_to_hub_cache(offline, "acme/chats", repo, "dataset", revision="v1")
+    old = add_to_hub_cache(private_hf_caches, "acme/chats", repo, "dataset", revision="v1")
     write_jsonl(repo / "data" / "train-1.jsonl", ROWS[20:])
-    new = add_to_hub_cache(offline, "acme/chats", repo, "dataset")
+    new = add_to_hub_cache(private_hf_caches, "acme/chats", repo, "dataset")
     hub = source("acme/chats", split="train_sft")
     assert rows_of(make_cfg, tokenizer, hub) == reference
     first_half = rows_of(make_cfg, tokenizer, source("acme/chats", split="train_sft", name="first_half"))
