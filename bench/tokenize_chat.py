@@ -54,8 +54,7 @@ def _cpu() -> float:
 
 def dtrain_run(path: Path, tokenizer, procs: int) -> Clock:
     ds = DatasetConfig(path=str(path), format="chat")
-    data = DataConfig(datasets=[ds], seq_len=2048)
-    data.num_proc = procs  # a knob the config gains with issue 14 (dtrain.data.knobs until then)
+    data = DataConfig(datasets=[ds], seq_len=2048, num_proc=procs)
     with Clock() as clock:
         examples, report = tokenize_dataset(ds, data, tokenizer, CHAT_TEMPLATE)
     assert report.rows == len(examples), report

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name; the Hub redirects old un-namespaced ids
 RANK_ENV = {"HF_HUB_OFFLINE": "1"}  # the ranks read the cache the launcher filled; no Hub calls from compute nodes
 # What from_pretrained needs from a model repo; other files (other formats, images, original checkpoints) are skipped.
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", "*.tiktoken"]

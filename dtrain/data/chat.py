@@ -20,11 +20,10 @@ from typing import Any
 
 import jinja2
 
+from dtrain.config.data import CHAT_ROLES
 from dtrain.data.errors import RowError
 from dtrain.data.formats import Example, get_text, make_example
-from dtrain.data.knobs import knob
 
-ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # sharegpt's names, accepted without a role_map
 PASSED_THROUGH = ("tool_calls", "tool_call_id", "name")  # message keys handed to the template when present
 
@@ -39,9 +38,9 @@ def training_chat_template(cfg, tokenizer) -> str | None:
 
 
 def chat_example(row: dict[str, Any], ds, tokenizer, template: str) -> Example:
-    roles = list(knob(ds, "roles_to_train"))
+    roles = list(ds.roles_to_train)
     messages = normalize_messages(row, ds, roles)
-    tools = _json_field(row, knob(ds, "tools_field"), required=False)
+    tools = _json_field(row, ds.tools_field, required=False)
     try:
         if roles == ["assistant"] and has_generation_markers(template):
             ids, mask = _render_with_generation_marks(tokenizer, messages, template, tools)
@@ -73,7 +72,7 @@ def normalize_messages(row: dict[str, Any], ds, roles_to_train: list[str]) -> li
         except RowError as e:
             raise RowError(e.reason, f"message {i}: {e.detail}") from None
         role = aliases.get(raw_role, raw_role)
-        if role not in ROLES:
+        if role not in CHAT_ROLES:
             raise RowError("unknown role", f"message {i}: unknown role {raw_role!r} (map it with role_map)")
         extra = {key: message[key] for key in PASSED_THROUGH if message.get(key) is not None}
         out.append({"role": role, "content": content, **extra})

@@ -20,6 +20,11 @@ CHUNK_ROWS = 256  # large enough that pickling overhead stays small, small enoug
 _row_fn: Callable[[Any], Any] | None = None  # set in the parent right before the fork; workers inherit it
 
 
+def default_num_proc() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a Slurm allocation), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def ordered_map(fn: Callable[[Any], Any], rows: Iterable[tuple[str, Any]], num_proc: int) -> Iterator[tuple[str, Any]]:
     """(where, fn(row)) for each (where, row), in input order, computed by `num_proc` processes."""
     if num_proc <= 1 or "fork" not in multiprocessing.get_all_start_methods():

@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dtrain.config.data import DATA_FILE_BUILDERS
 from dtrain.data.errors import DataError, RowError
 
 RowOrError = tuple[str, "dict[str, Any] | RowError"]
-FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-"""Suffix of a data file -> the `datasets` builder that reads it."""
 
 
 def read_rows(path: str | Path) -> Iterator[RowOrError]:
@@ -29,10 +28,10 @@ def read_rows(path: str | Path) -> Iterator[RowOrError]:
         yield from _read_jsonl(path)
     elif suffix == ".json":
         yield from _read_json(path)
-    elif suffix in FILE_FORMATS:
-        yield from _read_with_datasets(path, FILE_FORMATS[suffix])
+    elif suffix in DATA_FILE_BUILDERS:
+        yield from _read_with_datasets(path, DATA_FILE_BUILDERS[suffix])
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(FILE_FORMATS)})")
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(DATA_FILE_BUILDERS)})")
 
 
 def _read_jsonl(path: Path) -> Iterator[RowOrError]:

@@ -21,11 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dtrain import hub
+from dtrain.config.data import DATA_FILE_BUILDERS, source_kind
 from dtrain.data.errors import DataError
-from dtrain.data.knobs import knob
-from dtrain.data.readers import FILE_FORMATS, RowOrError, read_rows
-
-GLOB_CHARS = set("*?[")
+from dtrain.data.readers import RowOrError, read_rows
 
 
 @dataclass(frozen=True)
@@ -65,15 +63,14 @@ class Source:
 def resolve_source(ds) -> Source:
     given = str(ds.path)
     path = Path(given)
-    if GLOB_CHARS & set(given):
-        return Source("glob", given)
-    if path.suffix in FILE_FORMATS:
-        return Source("file", given, path)  # a missing file is reported by the reader, with its path
-    if path.is_dir():
+    kind = source_kind(given)
+    if kind in ("glob", "file"):
+        return Source(kind, given, None if kind == "glob" else path)
+    if kind == "folder":
         saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
         return Source("saved" if saved else "folder", given, path)
-    if hub.is_hub_id(given):
-        return _resolve_hub(given, knob(ds, "revision"))
+    if kind == "hub":
+        return _resolve_hub(given, ds.revision)
     raise DataError(f"{given}: neither a local file, glob, folder, nor a Hub dataset id (org/name)")
 
 
@@ -90,7 +87,7 @@ def read_source(source: Source, ds) -> Iterator[RowOrError]:
     if source.kind == "file":
         yield from read_rows(source.local)
         return
-    split = knob(ds, "split")
+    split = ds.split
     table = _load_table(source, ds, split)
     for index, row in enumerate(table):
         yield f"{source.given} (split {split}) row index {index}", row
@@ -108,9 +105,7 @@ def _load_table(source: Source, ds, split: str):
             if not files:
                 raise DataError(f"{source.given}: no files match")
             return datasets.load_dataset(_builder_for(source.given, files), data_files=files, split="train")
-        return datasets.load_dataset(
-            str(source.local), name=knob(ds, "name"), data_files=knob(ds, "data_files"), split=split
-        )
+        return datasets.load_dataset(str(source.local), name=ds.name, data_files=ds.data_files, split=split)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for "cannot read this"; the message is what helps
@@ -119,8 +114,8 @@ def _load_table(source: Source, ds, split: str):
 
 
 def _builder_for(pattern: str, files: list[str]) -> str:
-    builders = {FILE_FORMATS[Path(f).suffix] for f in files if Path(f).suffix in FILE_FORMATS}
-    if len(builders) != 1 or any(Path(f).suffix not in FILE_FORMATS for f in files):
+    builders = {DATA_FILE_BUILDERS.get(Path(f).suffix) for f in files}
+    if len(builders) != 1 or None in builders:
         suffixes = sorted({Path(f).suffix for f in files})
         raise DataError(f"{pattern}: matches files of several or unknown types {suffixes}; use one of .jsonl, "
                         ".json, .parquet, .csv, .arrow per dataset entry")  # fmt: skip

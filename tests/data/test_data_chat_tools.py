@@ -47,11 +47,8 @@ def tok():
     return train_tokenizer(["hello world", "the weather in Oslo is rain"] * 3, 300)
 
 
-def chat_ds(**knobs) -> DatasetConfig:
-    ds = DatasetConfig(format="chat")
-    for name, value in knobs.items():  # knobs the config gains with issue 14 (dtrain.data.knobs until then)
-        setattr(ds, name, value)
-    return ds
+def chat_ds(**fields) -> DatasetConfig:
+    return DatasetConfig(format="chat", **fields)
 
 
 def trained_spans(tok, example) -> list[str]:

@@ -157,8 +157,8 @@ def test_parallel_tokenization_gives_the_same_samples_and_report(tmp_path, make_
     mixed.write_text("\n".join(lines[:150] + ["not json", '{"messages": []}'] + lines[150:]) + "\n")
     prepared = {}
     for num_proc in (1, 2):
-        cfg = make_cfg((mixed, "chat"), (TEXT, "text"), on_bad_row="skip", cache_dir=str(tmp_path / f"c{num_proc}"))
-        cfg.data.num_proc = num_proc  # a knob the config gains with issue 14 (dtrain.data.knobs until then)
+        cache = str(tmp_path / f"c{num_proc}")
+        cfg = make_cfg((mixed, "chat"), (TEXT, "text"), on_bad_row="skip", cache_dir=cache, num_proc=num_proc)
         prepared[num_proc] = prepare_data(cfg, tokenizer, rank=0, world_size=1)
     serial, parallel = prepared[1], prepared[2]
     for name in ("input_ids", "labels", "position_ids", "offsets"):

@@ -23,11 +23,8 @@ def write_jsonl(path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def source(path, **knobs) -> DatasetConfig:
-    ds = DatasetConfig(path=str(path), format="text")
-    for name, value in knobs.items():  # knobs the config gains with issue 14 (dtrain.data.knobs until then)
-        setattr(ds, name, value)
-    return ds
+def source(path, **fields) -> DatasetConfig:
+    return DatasetConfig(path=str(path), format="text", **fields)
 
 
 def rows_of(make_cfg, tokenizer, ds) -> list[tuple[int, ...]]:
