@@ -7,6 +7,7 @@ A path that exists locally is always a local path; anything else shaped like `or
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +34,15 @@ def is_hub_id(path: str) -> bool:
     return not Path(path).exists() and bool(HUB_ID.match(path))
 
 
-def resolve(path: str, revision: str | None = None, repo_type: str = "model", patterns=None) -> Resolved:
+@functools.lru_cache(maxsize=64)  # online, each resolution asks the Hub for the newest commit: once per process
+def resolve(path: str, revision: str | None = None, repo_type: str = "model") -> Resolved:
     """A local folder as is; a repo id -> its snapshot in the cache (downloaded unless HF_HUB_OFFLINE is set)."""
     if not is_hub_id(path):
         return Resolved(Path(path))
     from huggingface_hub import constants, snapshot_download
 
     try:
+        patterns = MODEL_FILES if repo_type == "model" else None
         folder = Path(snapshot_download(path, repo_type=repo_type, revision=revision, allow_patterns=patterns))
     except Exception as e:  # not cached while offline, unknown repo, no network, gated: all "not available here"
         flags = (f" --repo-type {repo_type}" if repo_type != "model" else "") + (

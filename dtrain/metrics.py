@@ -20,7 +20,7 @@ class MetricsLogger:
             return
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         self.jsonl = open(Path(cfg.output_dir) / "metrics.jsonl", "a")  # noqa: SIM115 - lives as long as the run
-        self.reporters = open_reporters(cfg, report_to(cfg), start_step)
+        self.reporters = open_reporters(cfg, cfg.logging.report_to, start_step)
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
@@ -57,11 +57,6 @@ class MetricsLogger:
         if self.bar:
             self.bar.close()
         self.jsonl.close()
-
-
-def report_to(cfg: Config) -> list[str]:
-    # Until the config has logging.report_to (issue 14), the tensorboard switch is the only reporter.
-    return getattr(cfg.logging, "report_to", ["tensorboard"] if cfg.logging.tensorboard else [])
 
 
 def read_metrics(output_dir: str | Path, key: str = "train/loss") -> dict[int, float]:

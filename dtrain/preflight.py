@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from dtrain import strategies
+from dtrain import hub, strategies
 from dtrain.config import Config, ConfigError, load_config
+from dtrain.reporters import missing_packages
 from dtrain.resume import ResumePlan, plan_resume
 
 
@@ -46,7 +47,9 @@ def preflight(config: str, overrides: list[str], launch: Launch) -> Preflight:
         raise ConfigError(problems + e.problems, config) from e
     strategy = strategies.get(cfg.strategy)
     problems += strategy.layout_problems(cfg, launch.nnodes)
-    problems += strategy.model_problems(cfg)
+    unresolved = hub_problems(cfg)
+    problems += unresolved or strategy.model_problems(cfg)  # the model's files are needed to check it
+    problems += missing_packages(cfg.logging.report_to)
     problems += attention_problems(cfg, launch)
     if problems:
         raise ConfigError(problems, config)
@@ -55,6 +58,25 @@ def preflight(config: str, overrides: list[str], launch: Launch) -> Preflight:
     except ConfigError as e:
         raise ConfigError(e.problems, config) from e
     return Preflight(cfg, launch, resume)
+
+
+def hub_problems(cfg: Config) -> list[str]:
+    """Resolve every Hub repo id of the run. Where check / prepare / submit run this downloads into the Hugging Face
+    cache; on the ranks (HF_HUB_OFFLINE) it only finds them there."""
+    wanted = [("model.path", cfg.model.path, cfg.model.revision, "model")]
+    if cfg.model.tokenizer_path:
+        wanted.append(("model.tokenizer_path", cfg.model.tokenizer_path, None, "model"))
+    for section in ("datasets", "eval_datasets"):
+        for i, ds in enumerate(getattr(cfg.data, section)):
+            wanted.append((f"data.{section}[{i}].path", ds.path, ds.revision, "dataset"))
+    problems = []
+    for key, path, revision, repo_type in wanted:
+        if path and hub.is_hub_id(path):
+            try:
+                hub.resolve(path, revision, repo_type)
+            except hub.HubError as e:
+                problems.append(f"{key}: {e}")
+    return problems
 
 
 def launch_problems(launch: Launch) -> list[str]:

@@ -17,7 +17,7 @@ from dtrain.config import Config
 from dtrain.data import PreparedData, collate, prepare_data
 from dtrain.dist import DistEnv
 from dtrain.ds_config import build_deepspeed_config
-from dtrain.finish import export_on_finish, on_finish_kind
+from dtrain.finish import export_on_finish
 from dtrain.metrics import MetricsLogger
 from dtrain.optim import build_optimizer
 from dtrain.order import DataOrder, rank_micro_batches
@@ -36,12 +36,11 @@ class FitResult:
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         import deepspeed
-        from transformers import AutoTokenizer
 
         self.cfg, self.env = cfg, env
         self.resume = plan_resume(cfg, env.world_size)
         self.layout = self.resume.layout
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+        self.tokenizer = cfg.model.load_tokenizer()
         self.data: PreparedData = prepare_data(cfg, self.tokenizer, rank=env.rank, world_size=env.world_size)
         lengths = self.data.train.lengths if cfg.data.group_by_length else None
         self.order = DataOrder(len(self.data.train), self.layout.global_batch_size, cfg.train.seed, lengths)
@@ -91,8 +90,8 @@ class Trainer:
             if self.checkpointer.should_save(progress.step, finished, stopping):
                 saved = self.checkpointer.save(self.engine, progress)
                 log.message(f"saved {saved}")
-        if progress.step >= self.total_steps and on_finish_kind(self.cfg) != "none" and self.env.is_main:
-            kind = on_finish_kind(self.cfg)
+        kind = self.cfg.export.on_finish
+        if progress.step >= self.total_steps and kind != "none" and self.env.is_main:
             log.message(f"exported ({kind}) {export_on_finish(self.cfg, kind)}")
         log.close()
         return FitResult(progress, preempted=stopping and progress.step < self.total_steps)

@@ -98,7 +98,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     fit = fit_report(cfg, layout, hardware)
     ds = cfg.deepspeed
     print(f"{args.config}: OK")
-    print(f"  strategy     {cfg.strategy}; model {cfg.model.path}; precision {cfg.train.precision}")
+    print(f"  strategy     {cfg.strategy}; model {model_line(cfg)}; precision {cfg.train.precision}")
     print(
         f"  batch        micro {layout.micro_batch_size} x accumulation {layout.gradient_accumulation_steps} x "
         f"{layout.world_size} ranks = {layout.global_batch_size} sequences of {cfg.data.seq_len} tokens"
@@ -108,7 +108,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"parameter offload {ds.offload_param.device}, optimizer {cfg.train.optimizer}"
     )
     print(f"  checkpoints  {cfg.checkpoint_dir} every {cfg.checkpoint.every_steps} steps; {checked.resume.describe()}")
-    print(f"  tensorboard  {cfg.tensorboard_dir}")
+    print(f"  logging      {', '.join(cfg.logging.report_to) or 'metrics.jsonl only'}; export on finish: "
+          f"{cfg.export.on_finish}")  # fmt: skip
     print(f"  memory       {fit[0] if fit else 'not checked (give --gpus-per-node --gpu-mem --cpu-mem)'}")
     for line in fit[1:]:
         print(f"               {line}")
@@ -118,6 +119,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"dtrain check: the run cannot fit: {'; '.join(fit[1:])} (--allow-no-fit to pass)", file=sys.stderr)
         return 2
     return 0
+
+
+def model_line(cfg) -> str:
+    """The model as given, the Hub commit it resolved to, and trust_remote_code when on (it runs the repo's code)."""
+    from dtrain.hub import resolve
+
+    commit = resolve(cfg.model.path, cfg.model.revision).commit
+    line = cfg.model.path + (f" (Hub commit {commit})" if commit else "")
+    return line + (
+        "; trust_remote_code ON: runs the model repo's own Python code" if cfg.model.trust_remote_code else ""
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

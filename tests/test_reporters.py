@@ -33,8 +33,8 @@ def offline_env(tmp_path, monkeypatch):
 def test_scalars_read_back_with_each_librarys_reader(tmp_path, offline_env):
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
-    cfg = Config(output_dir=str(tmp_path / "run"), logging=LoggingConfig(progress_bar=False))
-    cfg.logging.report_to = ["tensorboard", "wandb", "mlflow"]  # a knob the config gains with issue 14
+    reporters = ["tensorboard", "wandb", "mlflow"]
+    cfg = Config(output_dir=str(tmp_path / "run"), logging=LoggingConfig(progress_bar=False, report_to=reporters))
     log = MetricsLogger(cfg, is_main=True, start_step=0, total_steps=3)
     for step, loss in STEPS.items():
         log.log(step, {"loss": loss, "lr": 1e-3})

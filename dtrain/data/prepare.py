@@ -66,9 +66,7 @@ def prepare_data(cfg, tokenizer, *, rank: int, world_size: int) -> PreparedData:
 
 def prepare_command(cfg) -> str:
     """`dtrain prepare CFG`: prepare ahead of time (e.g. on a login node) and return the report text."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    tokenizer = cfg.model.load_tokenizer()
     return str(prepare_data(cfg, tokenizer, rank=0, world_size=1).report)
 
 
