@@ -17,7 +17,6 @@ from dtrain.config import Config
 from dtrain.data import PreparedData, collate, prepare_data
 from dtrain.dist import DistEnv
 from dtrain.ds_config import build_deepspeed_config
-from dtrain.finish import export_on_finish
 from dtrain.metrics import MetricsLogger
 from dtrain.optim import build_optimizer
 from dtrain.order import DataOrder, rank_micro_batches
@@ -90,9 +89,6 @@ class Trainer:
             if self.checkpointer.should_save(progress.step, finished, stopping):
                 saved = self.checkpointer.save(self.engine, progress)
                 log.message(f"saved {saved}")
-        kind = self.cfg.export.on_finish
-        if progress.step >= self.total_steps and kind != "none" and self.env.is_main:
-            log.message(f"exported ({kind}) {export_on_finish(self.cfg, kind)}")
         log.close()
         return FitResult(progress, preempted=stopping and progress.step < self.total_steps)
 
