@@ -115,7 +115,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"               {line}")
     print("  deepspeed config:")
     print("    " + json.dumps(build_deepspeed_config(cfg, layout), indent=2).replace("\n", "\n    "))
-    if fit and fit[0] != "fits" and not args.allow_no_fit:
+    if fit and fit[0] == "does NOT fit" and not args.allow_no_fit:
         print(f"dtrain check: the run cannot fit: {'; '.join(fit[1:])} (--allow-no-fit to pass)", file=sys.stderr)
         return 2
     return 0
