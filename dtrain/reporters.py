@@ -37,6 +37,14 @@ def missing_packages(report_to: list[str]) -> list[str]:
     ]
 
 
+def mlflow_file_store(output_dir: Path) -> str:
+    """The run's local MLflow store, <output_dir>/mlruns, for the writer and any reader."""
+    # MLflow 3 keeps the file store but asks for this opt-in; a local folder is what a run without a tracking
+    # server needs.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return (Path(output_dir).resolve() / "mlruns").as_uri()
+
+
 def open_reporters(cfg, report_to: list[str], start_step: int) -> list[Reporter]:
     openers = {"tensorboard": TensorBoardReporter, "wandb": WandbReporter, "mlflow": MlflowReporter}
     return [openers[name](cfg, start_step) for name in report_to]
@@ -83,13 +91,7 @@ class MlflowReporter:
         from mlflow.tracking import MlflowClient
 
         output = Path(cfg.output_dir).resolve()
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            # MLflow 3 keeps the file store but asks for this opt-in; a local folder is what a run without a
-            # tracking server needs.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            uri = (output / "mlruns").as_uri()
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or mlflow_file_store(output))
         id_file = output / "mlflow_run_id"
         if id_file.is_file():
             self.run_id = id_file.read_text().strip()

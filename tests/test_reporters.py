@@ -12,7 +12,7 @@ import pytest
 
 from dtrain.config import Config, LoggingConfig
 from dtrain.metrics import MetricsLogger
-from dtrain.reporters import missing_packages
+from dtrain.reporters import missing_packages, mlflow_file_store
 
 STEPS = {1: 2.5, 2: 2.0, 3: 1.75}
 
@@ -66,7 +66,7 @@ def tensorboard_scalars(folder: Path, key: str) -> dict[int, float]:
 def mlflow_scalars(run: Path, key: str) -> dict[int, float]:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    client = MlflowClient(tracking_uri=mlflow_file_store(run))
     return {m.step: m.value for m in client.get_metric_history((run / "mlflow_run_id").read_text(), key)}
 
 
