@@ -29,6 +29,7 @@ from dtrain.checkpoint_layout import (
     read_progress,
 )
 from dtrain.config import Config, dump_yaml
+from dtrain.fingerprint import run_fingerprints
 from dtrain.strategies.protocol import CheckpointOptions
 
 
@@ -65,7 +66,7 @@ class Checkpointer:
             dist.barrier()
             # Every rank writes its own partition: optimizer state is sharded across ranks.
             engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False, **self.save_options)
-            _atomic_torch_save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
+            save_rng_state(tmp / "rng" / f"rank-{self.rank:05d}.safetensors")
             dist.barrier()
             if self.rank == 0:
                 self._publish(tmp, final, progress)
@@ -77,7 +78,8 @@ class Checkpointer:
     def _publish(self, tmp: Path, final: Path, progress: Progress) -> None:
         """Rank 0, once every rank's shards are written: metadata last, sync, then the atomic rename."""
         (tmp / "config.yaml").write_text(dump_yaml(self.cfg))
-        state = {"progress": asdict(progress), "format": 1}
+        # format 2: RNG states in safetensors; fingerprints of the model, tokenizer and data (dtrain.resume_changes).
+        state = {"progress": asdict(progress), "format": 2, "fingerprints": run_fingerprints(self.cfg)}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         _fsync_tree(tmp)
         if final.exists():  # an incomplete folder of that name (not ours: ours appear only whole) is replaced
@@ -119,9 +121,9 @@ class Checkpointer:
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no engine state in {checkpoint / tag}")
-        rng_file = checkpoint / "rng" / f"rank-{self.rank:05d}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        rng_file = checkpoint / "rng" / f"rank-{self.rank:05d}.safetensors"
+        if rng_file.is_file():  # absent for a rank that did not exist when the checkpoint was saved
+            load_rng_state(rng_file)
         return read_progress(checkpoint)
 
     def _clear_partial(self) -> None:
@@ -166,26 +168,42 @@ def _estimated_bytes(module: torch.nn.Module, save_options: dict[str, Any]) -> i
     return total
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def save_rng_state(path: Path) -> None:
+    """This process's RNG states as safetensors (no pickle: a checkpoint's files are data, never code)."""
+    from safetensors.torch import save_file
+
+    version, mt_state, gauss_next = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {
+        "python": torch.tensor(mt_state, dtype=torch.int64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    metadata = {
+        "python": json.dumps([version, gauss_next]),
+        "numpy": json.dumps([kind, int(position), int(has_gauss), float(cached_gaussian)]),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
-    torch.save(obj, tmp)
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def load_rng_state(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    version, gauss_next = json.loads(metadata["python"])
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss_next))
+    kind, position, has_gauss, cached_gaussian = json.loads(metadata["numpy"])
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
 
 
 def _fsync_tree(root: Path) -> None:

@@ -33,6 +33,7 @@ from dtrain import strategies
 from dtrain.checkpoint import ENGINE_TAG, STATE_FILE, checkpoint_name, complete_checkpoints
 from dtrain.config import Config, ConfigError, config_from_dict, read_yaml
 from dtrain.hub import HubError
+from dtrain.safe_load import load_untrusted, weights_only_loads
 from dtrain.strategies.protocol import ExportOptions
 from dtrain.tables import torch_dtype
 
@@ -135,7 +136,7 @@ def zero_stage(checkpoint: Path) -> int:
     optim = sorted(ds_dir.glob("*zero_pp_rank_*_optim_states.pt"))
     if not optim:
         return 0
-    state = torch.load(optim[0], map_location="cpu", mmap=True, weights_only=False)
+    state = load_untrusted(optim[0], mmap=True)
     return int(state["optimizer_state_dict"]["zero_stage"])
 
 
@@ -147,13 +148,15 @@ def lazy_engine_tensors(checkpoint: Path) -> tuple[dict[str, Any], set[str], lis
     ds_dir = checkpoint / ENGINE_TAG
     stage = zero_stage(checkpoint)
     if stage == 0:
-        state = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+        state = load_untrusted(ds_dir / "mp_rank_00_model_states.pt", mmap=True)
         return dict(state["module"]), _buffer_names(state), _shared(state)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     model_file = sorted(ds_dir.glob("*model_states.pt"))[0]
-    meta = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints are noise to a user of `dtrain export`
+    meta = load_untrusted(model_file, mmap=True)
+    # DeepSpeed's reader unpickles with weights_only=False; here every load it makes is weights-only. Its progress
+    # prints are noise to a user of `dtrain export`.
+    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
         tensors = get_fp32_state_dict_from_zero_checkpoint(
             str(checkpoint), tag=ENGINE_TAG, exclude_frozen_parameters=True, lazy_mode=True
         )

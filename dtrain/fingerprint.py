@@ -1,7 +1,8 @@
 """Fingerprints of what a run was trained on (model, tokenizer, data files), stored in every checkpoint so that a
 resumed run can prove it is the same run. Path-independent (a moved folder keeps its fingerprint) and cheap: the
-model's config.json and index are hashed with its weight files' names and sizes (not 140 GB of weights), a data
-file by its size with its first and last MiB.
+model's config.json and index, and each weight file's name, size and three 64 KiB samples (start, middle, end: two
+models of the same shape differ there; 140 GB of weights are never read whole); a data file by its size with its
+first and last MiB.
 """
 
 from __future__ import annotations
@@ -19,17 +20,22 @@ _EDGE = 1 << 20
 
 
 def model_fingerprint(path: str | Path) -> str:
+    """ "" when `path` is no folder (nothing to compare)."""
     folder, digest = Path(path), hashlib.sha256()
+    if not folder.is_dir():
+        return ""
     for name in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / name).is_file():
             digest.update(name.encode() + (folder / name).read_bytes())
-    weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.suffix in _WEIGHTS and p.is_file())
-    digest.update(json.dumps(weights).encode())
+    for weights in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHTS and p.is_file()):
+        digest.update(json.dumps([weights.name, weights.stat().st_size]).encode() + _samples(weights, 3, 1 << 16))
     return digest.hexdigest()[:16]
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:
     folder, digest = Path(path), hashlib.sha256()
+    if not folder.is_dir():
+        return ""
     for name in _TOKENIZER_FILES:
         if (folder / name).is_file():
             digest.update(name.encode() + (folder / name).read_bytes())
@@ -37,13 +43,21 @@ def tokenizer_fingerprint(path: str | Path) -> str:
 
 
 def file_fingerprint(path: str | Path) -> str:
-    size, digest = Path(path).stat().st_size, hashlib.sha256()
+    size = Path(path).stat().st_size
+    return f"{size}:{hashlib.sha256(_samples(Path(path), 2, _EDGE)).hexdigest()[:16]}"
+
+
+def _samples(path: Path, count: int, length: int) -> bytes:
+    """`count` chunks of `length` bytes spread evenly from the start to the end of the file (all of a small one)."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        digest.update(f.read(_EDGE))
-        if size > 2 * _EDGE:
-            f.seek(size - _EDGE)
-        digest.update(f.read(_EDGE))
-    return f"{size}:{digest.hexdigest()[:16]}"
+        if size <= count * length:
+            return f.read()
+        chunks = []
+        for i in range(count):
+            f.seek((size - length) * i // (count - 1))
+            chunks.append(f.read(length))
+        return b"".join(chunks)
 
 
 def run_fingerprints(cfg) -> dict[str, str]:
@@ -59,18 +73,24 @@ def run_fingerprints(cfg) -> dict[str, str]:
     for section in ("datasets", "eval_datasets"):
         for i, ds in enumerate(getattr(cfg.data, section)):
             prints[f"data.{section}[{i}].path"] = dataset_fingerprint(ds)
-    return prints
+    return {what: value for what, value in prints.items() if value}
 
 
 def dataset_fingerprint(ds) -> str:
+    """A file by its samples, a folder or glob by its files' (with their names in a folder), a Hub dataset by its
+    resolved commit; "" for what cannot be found here."""
+    from dtrain.data.errors import DataError
     from dtrain.data.sources import resolve_source
 
-    source = resolve_source(ds)
-    if source.commit:
-        return f"hub commit {source.commit}"
-    if source.kind == "file":
-        return file_fingerprint(source.local)
-    files = source.files()
+    try:
+        source = resolve_source(ds)
+        if source.commit:
+            return f"hub commit {source.commit}"
+        if source.kind == "file":
+            return file_fingerprint(source.local) if source.local.is_file() else ""
+        files = source.files()
+    except DataError:
+        return ""
     names = [str(f.relative_to(source.local)) if source.local else "" for f in files]
     listing = [[name, file_fingerprint(f)] for name, f in zip(names, files, strict=True)]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]

@@ -8,6 +8,7 @@ loaded and no process group exists.
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 
 from dtrain import hub, strategies
@@ -48,9 +49,13 @@ def preflight(config: str, overrides: list[str], launch: Launch) -> Preflight:
     strategy = strategies.get(cfg.strategy)
     problems += strategy.layout_problems(cfg, launch.nnodes)
     unresolved = hub_problems(cfg)
-    problems += unresolved or strategy.model_problems(cfg)  # the model's files are needed to check it
+    model_problems = unresolved or model_file_problems(cfg)  # a repo id must be in the cache to read its files
+    problems += model_problems
+    if not any(p.startswith("model.path") for p in model_problems):  # builds the model from config.json
+        problems += strategy.model_problems(cfg)
     problems += missing_packages(cfg.logging.report_to)
     problems += attention_problems(cfg, launch)
+    problems += [] if unresolved else chat_template_problems(cfg)
     if problems:
         raise ConfigError(problems, config)
     try:
@@ -86,6 +91,63 @@ def launch_problems(launch: Launch) -> list[str]:
     if launch.nproc_per_node < 1:
         problems.append(f"--nproc: ranks per node must be >= 1, got {launch.nproc_per_node}")
     return problems
+
+
+def model_file_problems(cfg: Config) -> list[str]:
+    """What the model's and tokenizer's own files say: code the run would have to execute, too few positions."""
+    config_file = cfg.model.local_dir() / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        return [f"model.path: {config_file} is not a readable JSON file ({e})"]
+    problems = []
+    trust = " (set model.trust_remote_code: true if you trust that code)"
+    if "auto_map" in config and not cfg.model.trust_remote_code:
+        problems.append(
+            f"model.path: {cfg.model.path} needs its own modelling code (auto_map in config.json); dtrain runs "
+            f"only architectures that transformers ships unless told otherwise{trust}"
+        )
+    tokenizer_config = cfg.model.tokenizer_dir() / "tokenizer_config.json"
+    tokenizer_code = tokenizer_config.is_file() and "auto_map" in json.loads(tokenizer_config.read_text() or "{}")
+    if tokenizer_code and not cfg.model.trust_remote_code:
+        key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
+        problems.append(f"{key}: the tokenizer needs its own code (auto_map in {tokenizer_config}){trust}")
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and cfg.data.seq_len > positions:
+        problems.append(
+            f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_position_embeddings {positions} ({config_file})"
+        )
+    return problems
+
+
+def chat_template_problems(cfg: Config) -> list[str]:
+    """A chat template with a Jinja syntax error is otherwise found only while preparing the data, inside a rank."""
+    if not any(ds.format == "chat" for ds in cfg.data.datasets + cfg.data.eval_datasets):
+        return []
+    key, template = "data.chat_template", cfg.data.chat_template
+    if template is None:
+        key, template = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path", _tokenizer_template(cfg)
+    if template is None or not template.strip():
+        return []  # no template at all: the data layer says how to set one
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        return [f"{key}: line {e.lineno}: {e.message} (chat template syntax)"]
+    return []
+
+
+def _tokenizer_template(cfg: Config) -> str | None:
+    folder = cfg.model.tokenizer_dir()
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    config_file = folder / "tokenizer_config.json"
+    template = json.loads(config_file.read_text() or "{}").get("chat_template") if config_file.is_file() else None
+    if isinstance(template, list):  # named templates: the default one is what apply_chat_template uses
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template
 
 
 def attention_problems(cfg: Config, launch: Launch) -> list[str]:

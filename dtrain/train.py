@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as e:  # the checkpoint folder changed between the launcher's check and this rank's
+        print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
+        return 2
     import torch.distributed as dist
 
     dist.destroy_process_group()

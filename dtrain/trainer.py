@@ -145,6 +145,8 @@ class Trainer:
             unshare_step_counters(self.engine.optimizer)
         if self.env.is_main:
             print(f"resumed from {checkpoint} at step {progress.step}", flush=True)
+            for change in self.resume.changes:
+                print(f"  changed since the checkpoint: {change}", flush=True)
             if progress.world_size != self.env.world_size:
                 print(
                     f"world size {progress.world_size} -> {self.env.world_size}: global batch "

@@ -108,6 +108,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"parameter offload {ds.offload_param.device}, optimizer {cfg.train.optimizer}"
     )
     print(f"  checkpoints  {cfg.checkpoint_dir} every {cfg.checkpoint.every_steps} steps; {checked.resume.describe()}")
+    for change in checked.resume.changes:
+        print(f"               changed since the checkpoint: {change}")
     print(f"  logging      {', '.join(cfg.logging.report_to) or 'metrics.jsonl only'}; export on finish: "
           f"{cfg.export.on_finish}")  # fmt: skip
     print(f"  memory       {fit[0] if fit else 'not checked (give --gpus-per-node --gpu-mem --cpu-mem)'}")
@@ -163,9 +165,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError([f"{out}: exists and is not empty; choose a new folder"])
+    import os
+    import shutil
+
     from dtrain.tiny import make_tiny_model
 
-    print(make_tiny_model(args.out))
+    staging = out.absolute().with_name(f".tmp-{out.name}-{os.getpid()}")
+    try:
+        make_tiny_model(staging)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(out)
     return 0
 
 

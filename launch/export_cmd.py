@@ -63,6 +63,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     select_accelerator()  # before deepspeed is imported (its checkpoint reader is used, its engine is not)
     from dtrain import export
     from dtrain.config import ConfigError
+    from dtrain.safe_load import UnsafeCheckpoint
     from dtrain.strategies.protocol import ExportOptions
 
     options = ExportOptions(args.dtype, max_shard_bytes, args.model)
@@ -70,7 +71,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         checkpoint = export.find_checkpoint(args.run, args.checkpoint)
         print(f"exporting {checkpoint}", flush=True)
         results = export.export_checkpoint(checkpoint, outputs, options)
-    except (export.ExportError, ConfigError) as e:
+    except (export.ExportError, ConfigError, UnsafeCheckpoint) as e:
         print(f"dtrain export: {e}", file=sys.stderr)
         return 2
     for result in results:

@@ -18,7 +18,7 @@ from dtrain.config.data import DataConfig
 from dtrain.config.deepspeed import DeepSpeedConfig
 from dtrain.config.model import LoraConfig, ModelConfig, QuantizationConfig
 from dtrain.config.train import TrainConfig
-from dtrain.config.typed import ConfigError, apply_override, convert, guarded, read_yaml
+from dtrain.config.typed import ConfigError, apply_override, convert, flatten, guarded, read_yaml
 
 
 @dataclass
@@ -31,9 +31,17 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted after a newer one is complete. 0 keeps all."""
     resume: str = "auto"
     """auto: newest complete checkpoint if any; never: start fresh (refuses a non-empty dir); or a checkpoint path."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Config keys (or sections, e.g. data) a resumed run may change although they change what is trained; other
+    such changes are refused on resume. Changes that alter tensor shapes (strategy, adapter shape, optimizer) can
+    never be resumed from, and schedule length, cadences and keep_last may always change."""
 
     def problems(self) -> list[str]:
         problems = []
+        known = flatten(Config().to_dict())
+        for i, key in enumerate(self.allow_changes):
+            if not any(k == key or k.startswith(key + ".") or k.startswith(key + "[") for k in known):
+                problems.append(f"checkpoint.allow_changes[{i}]: {key} is no config key")
         if self.every_steps < 1:
             problems.append(f"checkpoint.every_steps: must be >= 1, got {self.every_steps}")
         if self.keep_last < 0:
@@ -136,8 +144,10 @@ class Config:
     def problems(self, check_paths: bool = True) -> list[str]:
         from dtrain import strategies
 
-        problems = [] if self.output_dir else ["output_dir: required (the run folder for checkpoints and logs)"]
+        problems = []
         checks = [
+            lambda: _run_folder_problems("output_dir", self.output_dir, self.model.path, required=True),
+            lambda: _run_folder_problems("checkpoint.dir", self.checkpoint.dir, self.model.path, required=False),
             lambda: self.model.problems(check_paths),
             lambda: self.data.problems(check_paths),
             self.train.problems,
@@ -149,12 +159,49 @@ class Config:
             lambda: self.export.problems(self.strategy),
         ]
         if self.strategy in strategies.NAMES:
-            checks.append(lambda: strategies.get(self.strategy).config_problems(self))
+            strategy = strategies.get(self.strategy)
+            checks.append(lambda: strategy.config_problems(self))
+            ds = self.deepspeed
+            checks.append(
+                lambda: strategy.zero_problems(ds.stage, ds.offload_optimizer.device, ds.offload_param.device)
+            )
         elif isinstance(self.strategy, str):  # another type is already reported by the conversion
             problems.append(f"strategy: must be one of {', '.join(map(repr, strategies.NAMES))}, got {self.strategy!r}")
         for check in checks:
             problems += guarded(check)
         return problems
+
+
+def _run_folder_problems(key: str, folder: str | None, model_path: str, required: bool) -> list[str]:
+    """A folder dtrain will create and write: a name the file system can hold, not a file, not the base model's."""
+    if not folder:
+        return [f"{key}: required (the run folder for checkpoints and logs)"] if required else []
+    if "\0" in folder:
+        return [f"{key}: contains a NUL byte"]
+    path = Path(folder)
+    limit = _name_max(path)
+    for name in path.parts:
+        if len(os.fsencode(name)) > limit:
+            return [f"{key}: the name {name[:24]!r}... is {len(os.fsencode(name))} bytes, longer than the file "
+                    f"system allows ({limit})"]  # fmt: skip
+    if path.exists() and not path.is_dir():
+        return [f"{key}: {folder} exists and is a file"]
+    if model_path and _inside(path, Path(model_path)):
+        return [f"{key}: {folder} is inside the base model's folder {model_path}; write runs elsewhere"]
+    return []
+
+
+def _name_max(path: Path) -> int:
+    existing = next((p for p in [path.absolute(), *path.absolute().parents] if p.exists()), Path("/"))
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = (), check_paths: bool = True) -> Config:

@@ -120,6 +120,21 @@ def one_of(key: str, value: Any, choices: typing.Iterable[str]) -> list[str]:
     return [] if value in choices else [f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}"]
 
 
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts and lists of dicts -> {dotted key: leaf}; lists of plain values stay one leaf."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(node, list) and any(isinstance(v, dict) for v in node):
+        out = {f"{prefix}.count": len(node)}
+        for i, v in enumerate(node):
+            out.update(flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: node}
+
+
 def describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
 

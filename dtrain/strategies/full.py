@@ -19,9 +19,11 @@ class Full:
     name = "full"
     export_kinds = ("hf",)
     checkpoint = CheckpointOptions()
+    sections = ()
 
     def config_problems(self, cfg: Config) -> list[str]:
-        if OPTIMIZERS[cfg.train.optimizer].adapters_only:
+        spec = OPTIMIZERS.get(cfg.train.optimizer)  # an unknown name is reported by the train section
+        if spec is not None and spec.adapters_only:
             return [
                 f"train.optimizer: {cfg.train.optimizer} is for strategy lora/qlora; full fine-tuning under ZeRO "
                 "uses adamw_torch or adamw_deepspeed"

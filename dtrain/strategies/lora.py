@@ -32,6 +32,7 @@ class Lora:
     name = "lora"
     export_kinds = ("adapter", "merged")
     checkpoint = ADAPTER_CHECKPOINT
+    sections = ("lora",)
 
     def config_problems(self, cfg: Config) -> list[str]:
         return cfg.lora.problems()

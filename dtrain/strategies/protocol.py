@@ -49,6 +49,8 @@ class Strategy(Protocol):
     export_kinds: tuple[str, ...]
     """What `dtrain export` can write for a run of this strategy (adapter, merged, hf)."""
     checkpoint: CheckpointOptions
+    sections: tuple[str, ...]
+    """Strategy-specific config sections it reads (lora, quantization): a resumed run compares only those."""
 
     def config_problems(self, cfg: Config) -> list[str]:
         """Config rules of this strategy (allowed optimizers, sections it needs), each naming its key."""

@@ -27,6 +27,7 @@ class QLora:
     name = "qlora"
     export_kinds = ("adapter", "merged")
     checkpoint = lora.ADAPTER_CHECKPOINT
+    sections = ("lora", "quantization")
 
     def config_problems(self, cfg: Config) -> list[str]:
         return cfg.lora.problems()
