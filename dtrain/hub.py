@@ -34,23 +34,29 @@ def is_hub_id(path: str) -> bool:
     return not Path(path).exists() and bool(HUB_ID.match(path))
 
 
-@functools.lru_cache(maxsize=64)  # online, each resolution asks the Hub for the newest commit: once per process
 def resolve(path: str, revision: str | None = None, repo_type: str = "model") -> Resolved:
     """A local folder as is; a repo id -> its snapshot in the cache (downloaded unless HF_HUB_OFFLINE is set)."""
     if not is_hub_id(path):
         return Resolved(Path(path))
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
+
+    return _resolve_repo(path, revision, repo_type, constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
+
+
+@functools.lru_cache(maxsize=64)  # online, each resolution asks the Hub for the newest commit: once per process
+def _resolve_repo(repo_id: str, revision: str | None, repo_type: str, cache: str, offline: bool) -> Resolved:
+    from huggingface_hub import snapshot_download
 
     try:
         patterns = MODEL_FILES if repo_type == "model" else None
-        folder = Path(snapshot_download(path, repo_type=repo_type, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns))
     except Exception as e:  # not cached while offline, unknown repo, no network, gated: all "not available here"
         flags = (f" --repo-type {repo_type}" if repo_type != "model" else "") + (
             f" --revision {revision}" if revision else ""
         )
         raise HubError(
-            f"{path}: not in the Hugging Face cache {constants.HF_HUB_CACHE} and not downloadable here "
-            f"({type(e).__name__}); download it where there is network with `hf download {path}{flags}` "
+            f"{repo_id}: not in the Hugging Face cache {cache} and not downloadable here "
+            f"({type(e).__name__}); download it where there is network with `hf download {repo_id}{flags}` "
             "into the cache the ranks use (HF_HOME / HF_HUB_CACHE), or run `dtrain check` there"
         ) from None
     return Resolved(folder, commit=folder.name)

@@ -33,3 +33,24 @@ def test_missing_repo_is_one_line_saying_how_to_download(offline_cache):
     with pytest.raises(hub.HubError) as error:
         hub.resolve("acme/absent", revision="v9")
     assert "\n" not in str(error.value) and "`hf download acme/absent --revision v9`" in str(error.value)
+
+
+def test_the_resolved_commit_is_the_models_fingerprint(tmp_path, offline_cache):
+    from dtrain.config import config_from_dict
+    from dtrain.fingerprint import run_fingerprints
+
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "config.json").write_text("{}")
+    first = add_to_hub_cache(offline_cache, "acme/fp", tmp_path / "repo")
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": "acme/fp"},
+        "data": {"datasets": [{"path": "data/sample/text.jsonl"}]},
+        "train": {"max_steps": 1, "gradient_accumulation_steps": 1},
+    }
+    cfg = config_from_dict(raw, check_paths=False)
+    assert run_fingerprints(cfg)["model"] == f"hub commit {first}"
+    (tmp_path / "repo" / "config.json").write_text('{"moved": true}')  # main moves: resume sees another model
+    moved = add_to_hub_cache(offline_cache, "acme/fp", tmp_path / "repo")
+    hub._resolve_repo.cache_clear()  # a resumed run is a new process, which resolves afresh
+    assert run_fingerprints(cfg)["model"] == f"hub commit {moved}" != f"hub commit {first}"
