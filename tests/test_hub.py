@@ -54,3 +54,21 @@ def test_the_resolved_commit_is_the_models_fingerprint(tmp_path, offline_cache):
     moved = add_to_hub_cache(offline_cache, "acme/fp", tmp_path / "repo")
     hub._resolve_repo.cache_clear()  # a resumed run is a new process, which resolves afresh
     assert run_fingerprints(cfg)["model"] == f"hub commit {moved}" != f"hub commit {first}"
+
+
+def test_check_names_the_commit_and_trust_remote_code(tmp_path, offline_cache):
+    from dtrain_launch.cli import model_line
+
+    from dtrain.config import config_from_dict
+
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "config.json").write_text("{}")
+    commit = add_to_hub_cache(offline_cache, "acme/custom", tmp_path / "repo")
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": "acme/custom", "trust_remote_code": True},
+        "data": {"datasets": [{"path": "data/sample/text.jsonl"}]},
+        "train": {"max_steps": 1, "gradient_accumulation_steps": 1},
+    }
+    line = model_line(config_from_dict(raw, check_paths=False))
+    assert line == f"acme/custom (Hub commit {commit}); trust_remote_code ON: runs the model repo's own Python code"
