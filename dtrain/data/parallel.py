@@ -8,6 +8,7 @@ parent exactly as with one process, so the samples are identical for any `data.n
 
 from __future__ import annotations
 
+import gc
 import itertools
 import multiprocessing
 import os
@@ -41,9 +42,15 @@ def ordered_map(fn: Callable[[Any], Any], rows: Iterable[tuple[str, Any]], num_p
             wheres.append([where for where, _ in chunk])
             yield [row for _, row in chunk]
 
-    with multiprocessing.get_context("fork").Pool(num_proc, initializer=_one_thread_per_worker) as pool:
-        for results in pool.imap(_apply_chunk, row_chunks()):
-            yield from zip(wheres.popleft(), results, strict=True)
+    # Freeze the parent's objects out of the garbage collector's reach: a collection in a worker would otherwise
+    # write to every inherited object and copy the whole parent heap, page by page (copy-on-write).
+    gc.freeze()
+    try:
+        with multiprocessing.get_context("fork").Pool(num_proc, initializer=_one_thread_per_worker) as pool:
+            for results in pool.imap(_apply_chunk, row_chunks()):
+                yield from zip(wheres.popleft(), results, strict=True)
+    finally:
+        gc.unfreeze()
 
 
 def _one_thread_per_worker() -> None:
