@@ -8,6 +8,11 @@ function and chat template (the tiny model's ChatML): dtrain's `tokenize_dataset
 reference `datasets.Dataset.from_json(...).map(fn, num_proc=N)`. Rows/s are printed with ratios to dtrain on one
 process and to the reference, and the CPU time per row of all processes (parent and workers): on a machine shared
 with other work the wall-clock ratios drift, the CPU per row shows the overhead of going parallel.
+
+Scaling: the parent reads rows, sends chunks and collects results, ~0.1 ms of CPU per row against ~1.1 ms of
+tokenizing in a worker (measured here), so N workers scale until the parent is busy: about 10 workers' worth,
+~10,000 rows/s on this kind of core. On 32 cores the parent is the limit; reading in the workers (each its own range
+of rows or files) would lift it.
 """
 
 from __future__ import annotations
