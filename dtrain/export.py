@@ -32,6 +32,7 @@ import torch
 from dtrain import strategies
 from dtrain.checkpoint import ENGINE_TAG, STATE_FILE, checkpoint_name, complete_checkpoints
 from dtrain.config import Config, ConfigError, config_from_dict, read_yaml
+from dtrain.hub import HubError
 from dtrain.safe_load import load_untrusted, weights_only_loads
 from dtrain.strategies.protocol import ExportOptions
 from dtrain.tables import torch_dtype
@@ -113,7 +114,11 @@ def run_config(checkpoint: Path, model_path: str | None = None) -> Config:
     if model_path:
         cfg.model.path = model_path
         cfg.model.tokenizer_path = cfg.model.tokenizer_path or model_path
-    if not (Path(cfg.model.path) / "config.json").is_file():
+    try:
+        found = (cfg.model.local_dir() / "config.json").is_file()
+    except HubError as e:
+        raise ExportError(str(e)) from None
+    if not found:
         raise ExportError(f"base model {cfg.model.path} not found (pass --model PATH if it has moved)")
     return cfg
 
@@ -275,7 +280,7 @@ def export_dtype(dtype: str, model_path: str) -> torch.dtype:
 
 def copy_model_files(cfg: Config, out: Path, dtype: torch.dtype) -> None:
     """Everything of the base directory except its weights (config, generation config), then the tokenizer."""
-    for item in Path(cfg.model.path).iterdir():
+    for item in cfg.model.local_dir().iterdir():
         if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and not item.name.endswith(".index.json"):
             shutil.copy2(item, out / item.name)
     config = json.loads((out / "config.json").read_text())
@@ -286,9 +291,13 @@ def copy_model_files(cfg: Config, out: Path, dtype: torch.dtype) -> None:
 
 
 def copy_tokenizer(cfg: Config, out: Path) -> None:
-    from transformers import AutoTokenizer
+    """The tokenizer, carrying the chat template the training data was rendered with (data.chat_template when set):
+    the exported model then renders a conversation exactly as training did."""
+    from dtrain.data.chat import training_chat_template
 
-    AutoTokenizer.from_pretrained(cfg.tokenizer_path).save_pretrained(str(out))
+    tokenizer = cfg.model.load_tokenizer()
+    tokenizer.chat_template = training_chat_template(cfg, tokenizer)
+    tokenizer.save_pretrained(str(out))
 
 
 def numel(tensor: Any) -> int:

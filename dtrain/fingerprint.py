@@ -61,10 +61,36 @@ def _samples(path: Path, count: int, length: int) -> bytes:
 
 
 def run_fingerprints(cfg) -> dict[str, str]:
-    """What a checkpoint of `cfg` records: `model`, `tokenizer`, and one entry per data file by its config key."""
-    prints = {"model": model_fingerprint(cfg.model.path), "tokenizer": tokenizer_fingerprint(cfg.tokenizer_path)}
+    """What a checkpoint of `cfg` records: `model`, `tokenizer`, and one entry per dataset by its config key. A Hub
+    repo id is its resolved commit (so a moved branch is caught on resume)."""
+    from dtrain.hub import resolve
+
+    model = resolve(cfg.model.path, cfg.model.revision)
+    prints = {
+        "model": f"hub commit {model.commit}" if model.commit else model_fingerprint(model.local),
+        "tokenizer": tokenizer_fingerprint(cfg.model.tokenizer_dir()),
+    }
     for section in ("datasets", "eval_datasets"):
         for i, ds in enumerate(getattr(cfg.data, section)):
-            if Path(ds.path).is_file():
-                prints[f"data.{section}[{i}].path"] = file_fingerprint(ds.path)
+            prints[f"data.{section}[{i}].path"] = dataset_fingerprint(ds)
     return {what: value for what, value in prints.items() if value}
+
+
+def dataset_fingerprint(ds) -> str:
+    """A file by its samples, a folder or glob by its files' (with their names in a folder), a Hub dataset by its
+    resolved commit; "" for what cannot be found here."""
+    from dtrain.data.errors import DataError
+    from dtrain.data.sources import resolve_source
+
+    try:
+        source = resolve_source(ds)
+        if source.commit:
+            return f"hub commit {source.commit}"
+        if source.kind == "file":
+            return file_fingerprint(source.local) if source.local.is_file() else ""
+        files = source.files()
+    except DataError:
+        return ""
+    names = [str(f.relative_to(source.local)) if source.local else "" for f in files]
+    listing = [[name, file_fingerprint(f)] for name, f in zip(names, files, strict=True)]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]

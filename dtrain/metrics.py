@@ -1,4 +1,5 @@
-"""Rank-0 reporting: TensorBoard scalars, a metrics.jsonl line per logged step, and a tqdm progress bar."""
+"""Rank-0 reporting: a metrics.jsonl line per logged step, the reporters of logging.report_to (dtrain.reporters:
+TensorBoard, W&B, MLflow), and a tqdm progress bar."""
 
 from __future__ import annotations
 
@@ -6,23 +7,20 @@ import json
 from pathlib import Path
 
 from dtrain.config import Config
+from dtrain.reporters import open_reporters
 
 
 class MetricsLogger:
     def __init__(self, cfg: Config, is_main: bool, start_step: int, total_steps: int):
         self.enabled = is_main
         self.every = cfg.logging.every_steps
-        self.writer = None
+        self.reporters = []
         self.bar = None
         if not is_main:
             return
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         self.jsonl = open(Path(cfg.output_dir) / "metrics.jsonl", "a")  # noqa: SIM115 - lives as long as the run
-        if cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops events a killed run logged after its last checkpoint, so the curve has no doubles.
-            self.writer = SummaryWriter(str(cfg.tensorboard_dir), purge_step=start_step + 1 if start_step else None)
+        self.reporters = open_reporters(cfg, cfg.logging.report_to, start_step)
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
@@ -34,9 +32,8 @@ class MetricsLogger:
         record = {"step": step, **{f"{prefix}/{k}": v for k, v in scalars.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        if self.writer:
-            for key, value in scalars.items():
-                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        for reporter in self.reporters:
+            reporter.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step)
         if self.bar and prefix == "train":
             self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
 
@@ -55,8 +52,8 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        if self.writer:
-            self.writer.close()
+        for reporter in self.reporters:
+            reporter.close()
         if self.bar:
             self.bar.close()
         self.jsonl.close()

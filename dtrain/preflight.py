@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
-from dtrain import strategies
+from dtrain import hub, strategies
 from dtrain.config import Config, ConfigError, load_config
+from dtrain.reporters import missing_packages
 from dtrain.resume import ResumePlan, plan_resume
 
 
@@ -48,12 +48,14 @@ def preflight(config: str, overrides: list[str], launch: Launch) -> Preflight:
         raise ConfigError(problems + e.problems, config) from e
     strategy = strategies.get(cfg.strategy)
     problems += strategy.layout_problems(cfg, launch.nnodes)
-    model_problems = model_file_problems(cfg)
+    unresolved = hub_problems(cfg)
+    model_problems = unresolved or model_file_problems(cfg)  # a repo id must be in the cache to read its files
     problems += model_problems
     if not any(p.startswith("model.path") for p in model_problems):  # builds the model from config.json
         problems += strategy.model_problems(cfg)
+    problems += missing_packages(cfg.logging.report_to)
     problems += attention_problems(cfg, launch)
-    problems += chat_template_problems(cfg)
+    problems += [] if unresolved else chat_template_problems(cfg)
     if problems:
         raise ConfigError(problems, config)
     try:
@@ -61,6 +63,25 @@ def preflight(config: str, overrides: list[str], launch: Launch) -> Preflight:
     except ConfigError as e:
         raise ConfigError(e.problems, config) from e
     return Preflight(cfg, launch, resume)
+
+
+def hub_problems(cfg: Config) -> list[str]:
+    """Resolve every Hub repo id of the run. Where check / prepare / submit run this downloads into the Hugging Face
+    cache; on the ranks (HF_HUB_OFFLINE) it only finds them there."""
+    wanted = [("model.path", cfg.model.path, cfg.model.revision, "model")]
+    if cfg.model.tokenizer_path:
+        wanted.append(("model.tokenizer_path", cfg.model.tokenizer_path, None, "model"))
+    for section in ("datasets", "eval_datasets"):
+        for i, ds in enumerate(getattr(cfg.data, section)):
+            wanted.append((f"data.{section}[{i}].path", ds.path, ds.revision, "dataset"))
+    problems = []
+    for key, path, revision, repo_type in wanted:
+        if path and hub.is_hub_id(path):
+            try:
+                hub.resolve(path, revision, repo_type)
+            except hub.HubError as e:
+                problems.append(f"{key}: {e}")
+    return problems
 
 
 def launch_problems(launch: Launch) -> list[str]:
@@ -74,21 +95,23 @@ def launch_problems(launch: Launch) -> list[str]:
 
 def model_file_problems(cfg: Config) -> list[str]:
     """What the model's and tokenizer's own files say: code the run would have to execute, too few positions."""
-    config_file = Path(cfg.model.path) / "config.json"
+    config_file = cfg.model.local_dir() / "config.json"
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as e:
         return [f"model.path: {config_file} is not a readable JSON file ({e})"]
     problems = []
-    if "auto_map" in config:
+    trust = " (set model.trust_remote_code: true if you trust that code)"
+    if "auto_map" in config and not cfg.model.trust_remote_code:
         problems.append(
             f"model.path: {cfg.model.path} needs its own modelling code (auto_map in config.json); dtrain runs "
-            "only architectures that transformers ships and never executes code from a model folder"
+            f"only architectures that transformers ships unless told otherwise{trust}"
         )
-    tokenizer_config = Path(cfg.tokenizer_path) / "tokenizer_config.json"
-    if tokenizer_config.is_file() and "auto_map" in json.loads(tokenizer_config.read_text() or "{}"):
+    tokenizer_config = cfg.model.tokenizer_dir() / "tokenizer_config.json"
+    tokenizer_code = tokenizer_config.is_file() and "auto_map" in json.loads(tokenizer_config.read_text() or "{}")
+    if tokenizer_code and not cfg.model.trust_remote_code:
         key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
-        problems.append(f"{key}: the tokenizer needs its own code (auto_map in {tokenizer_config}); not supported")
+        problems.append(f"{key}: the tokenizer needs its own code (auto_map in {tokenizer_config}){trust}")
     positions = config.get("max_position_embeddings")
     if isinstance(positions, int) and cfg.data.seq_len > positions:
         problems.append(
@@ -117,7 +140,7 @@ def chat_template_problems(cfg: Config) -> list[str]:
 
 
 def _tokenizer_template(cfg: Config) -> str | None:
-    folder = Path(cfg.tokenizer_path)
+    folder = cfg.model.tokenizer_dir()
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text()
     config_file = folder / "tokenizer_config.json"

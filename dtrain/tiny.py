@@ -21,11 +21,19 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END]  # ids 0..4 in this order
 
 # ChatML. The bos token opens the conversation; each assistant reply plus its <|im_end|> sits inside
 # {% generation %} so `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly what is trained.
+# Tool definitions go into a system block first; an assistant's tool calls follow its text as <tool_call>{json}
+# </tool_call> (trained, inside the markers); tool results are messages of role tool.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{%- if tools %}{{ '<|im_start|>system\\n' }}"
+    "{%- for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{%- endfor %}{{ '<|im_end|>\\n' }}{%- endif %}"
     "{%- for message in messages %}"
     "{%- if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{{ '<tool_call>' }}{{ (call['function'] if call['function'] is defined else call) | tojson }}{{ '</tool_call>' }}"
+    "{%- endfor %}"
+    "{{ '<|im_end|>' }}{% endgeneration %}"
     "{{ '\\n' }}"
     "{%- else %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"

@@ -57,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     dist.destroy_process_group()
-    return EXIT_PREEMPTED if result.preempted else 0
+    if result.preempted:
+        return EXIT_PREEMPTED
+    if env.is_main and cfg.export.on_finish != "none":
+        from dtrain.finish import export_on_finish
+
+        print(f"dtrain: exported {export_on_finish(cfg, cfg.export.on_finish)}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

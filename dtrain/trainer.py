@@ -35,13 +35,12 @@ class FitResult:
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         import deepspeed
-        from transformers import AutoTokenizer
 
         self.cfg, self.env = cfg, env
         # Rank 0 picks the checkpoint for all: another node may not see the newest one yet.
         self.resume = decided_by_main(lambda: plan_resume(cfg, env.world_size))
         self.layout = self.resume.layout
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+        self.tokenizer = cfg.model.load_tokenizer()
         self.data: PreparedData = prepare_data(cfg, self.tokenizer, rank=env.rank, world_size=env.world_size)
         lengths = self.data.train.lengths if cfg.data.group_by_length else None
         self.order = DataOrder(len(self.data.train), self.layout.global_batch_size, cfg.train.seed, lengths)

@@ -104,7 +104,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     fit = fit_report(cfg, layout, hardware)
     ds = cfg.deepspeed
     print(f"{args.config}: OK")
-    print(f"  strategy     {cfg.strategy}; model {cfg.model.path}; precision {cfg.train.precision}")
+    print(f"  strategy     {cfg.strategy}; model {model_line(cfg)}; precision {cfg.train.precision}")
     print(
         f"  batch        micro {layout.micro_batch_size} x accumulation {layout.gradient_accumulation_steps} x "
         f"{layout.world_size} ranks = {layout.global_batch_size} sequences of {cfg.data.seq_len} tokens"
@@ -116,16 +116,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  checkpoints  {cfg.checkpoint_dir} every {cfg.checkpoint.every_steps} steps; {checked.resume.describe()}")
     for change in checked.resume.changes:
         print(f"               changed since the checkpoint: {change}")
-    print(f"  tensorboard  {cfg.tensorboard_dir}")
+    print(f"  logging      {', '.join(cfg.logging.report_to) or 'metrics.jsonl only'}; export on finish: "
+          f"{cfg.export.on_finish}")  # fmt: skip
     print(f"  memory       {fit[0] if fit else 'not checked (give --gpus-per-node --gpu-mem --cpu-mem)'}")
     for line in fit[1:]:
         print(f"               {line}")
     print("  deepspeed config:")
     print("    " + json.dumps(build_deepspeed_config(cfg, layout), indent=2).replace("\n", "\n    "))
-    if fit and fit[0] != "fits" and not args.allow_no_fit:
+    if fit and fit[0] == "does NOT fit" and not args.allow_no_fit:
         print(f"dtrain check: the run cannot fit: {'; '.join(fit[1:])} (--allow-no-fit to pass)", file=sys.stderr)
         return 2
     return 0
+
+
+def model_line(cfg) -> str:
+    """The model as given, the Hub commit it resolved to, and trust_remote_code when on (it runs the repo's code)."""
+    from dtrain.hub import resolve
+
+    commit = resolve(cfg.model.path, cfg.model.revision).commit
+    line = cfg.model.path + (f" (Hub commit {commit})" if commit else "")
+    return line + (
+        "; trust_remote_code ON: runs the model repo's own Python code" if cfg.model.trust_remote_code else ""
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

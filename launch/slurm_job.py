@@ -30,6 +30,8 @@ import submitit
 from dtrain_launch.slurm import REQUEUE_LINE, RUN_START_LINE
 from submitit.core.job_environment import SignalHandler
 
+from dtrain.hub import RANK_ENV
+
 # Below Linux's ephemeral range (32768-60999 by default), from which the kernel hands out the local ports of
 # outgoing connections: a port drawn there can be taken on the first node by the time rank 0 binds it.
 PORT_RANGE = range(20000, 32768)
@@ -71,6 +73,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from dtrain.train import main as train_main
 
         os.chdir(self.workdir)  # relative paths in the config resolve where `dtrain submit` validated them
+        os.environ.update(RANK_ENV)  # before dtrain.train imports huggingface_hub, which reads it once
         submitit_requeue = signal.getsignal(signal.SIGUSR2)  # before the trainer's StopFlag replaces it
         env = export_rank_environment()
         if env.rank == 0:

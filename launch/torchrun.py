@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from dtrain.hub import RANK_ENV
+
 
 def torchrun_command(
     config: str, overrides: list[str], nproc: int, python: str = sys.executable
@@ -14,7 +16,7 @@ def torchrun_command(
         python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "dtrain.train", config, *overrides,
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **RANK_ENV)
     return cmd, env
 
 

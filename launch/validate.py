@@ -8,10 +8,16 @@ from dtrain.plan.hardware import Hardware
 
 
 def fit_report(cfg: Config, layout: BatchLayout, hardware: Hardware | None) -> list[str]:
-    """["fits"] or ["does NOT fit", problem, ...]; [] when the hardware is not known."""
+    """["fits"], ["does NOT fit", problem, ...], or ["not estimated (why)"] for a model family plan has no formulas
+    for (never a reason to refuse a run); [] when the hardware is not known."""
     if hardware is None:
         return []
+    from dtrain.plan.meta import not_estimated
     from dtrain.plan.report import fit_problems
+
+    reason = not_estimated(cfg)
+    if reason:
+        return [f"not estimated ({reason})"]
 
     problems = fit_problems(cfg, layout, hardware)
     return ["fits"] if not problems else ["does NOT fit", *problems]

@@ -35,9 +35,12 @@ def dtrain_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dtrain_launch.cli", *args]
 
 
-def run_dtrain(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_dtrain(
+    *args: str, timeout: float = 600, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`dtrain ARGS` in a subprocess; `env` adds to (or overrides) this process's environment."""
     proc = subprocess.run(
-        dtrain_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=dict(os.environ)
+        dtrain_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -69,7 +69,7 @@ BAD = [
     ("checkpoint.every_steps", 0, "checkpoint.every_steps: must be >= 1"),
     ("checkpoint.resume", "/no/such/step-00000010", "checkpoint.resume: /no/such/step-00000010 is neither"),
     ("checkpoint.keep_last", -1, "checkpoint.keep_last: must be >= 0"),
-    ("logging.tensorboard", "yes", "logging.tensorboard: expected true/false"),
+    ("logging.report_to", ["tensorboard", "neptune"], "logging.report_to: unknown 'neptune'"),
     ("eval.max_batches", 0, "eval.max_batches: must be >= 1"),
     ("output_dir", "", "output_dir: required"),
 ]

@@ -16,6 +16,7 @@ from dtrain.config.run import (
     CheckpointConfig,
     Config,
     EvalConfig,
+    ExportConfig,
     LoggingConfig,
     config_from_dict,
     dump_yaml,
@@ -26,7 +27,7 @@ from dtrain.config.typed import ConfigError, apply_override, load_typed, read_ya
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DatasetConfig", "DeepSpeedConfig", "EvalConfig",
-    "LoggingConfig", "LoraConfig", "ModelConfig", "OffloadConfig", "QuantizationConfig", "TrainConfig",
+    "ExportConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OffloadConfig", "QuantizationConfig", "TrainConfig",
     "apply_override", "config_from_dict", "dump_yaml", "load_config", "load_typed", "read_yaml",
     "zero_layout_problems",
 ]  # fmt: skip

@@ -2,19 +2,46 @@
 
 from __future__ import annotations
 
+import glob
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-CHAT_ROLES = ("system", "user", "assistant")
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+"""Suffix of a data file -> the `datasets` builder that reads it."""
+DATA_SUFFIXES = tuple(DATA_FILE_BUILDERS)
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+GLOB_CHARS = frozenset("*?[")
+
+
+def source_kind(path: str) -> Literal["file", "glob", "folder", "hub"] | None:
+    """What a dataset path names (a save_to_disk folder is a folder here); None: nothing dtrain can read."""
+    from dtrain.hub import is_hub_id
+
+    if GLOB_CHARS & set(path):
+        return "glob"
+    if Path(path).suffix in DATA_SUFFIXES:
+        return "file"
+    if Path(path).is_dir():
+        return "folder"
+    return "hub" if is_hub_id(path) else None
 
 
 @dataclass
 class DatasetConfig:
     path: str = ""
-    """Local file: .jsonl, .json, .parquet or .csv."""
+    """A local .jsonl / .json / .parquet / .csv / .arrow file (errors name file:line); a glob of such files; a local
+    folder `datasets.load_dataset` reads, or one written by `save_to_disk`; or a Hub dataset id (org/name), read
+    from the Hugging Face cache (downloaded by check / prepare / submit where there is network)."""
+    name: str | None = None
+    """Dataset configuration name (a Hub dataset or folder with several configs)."""
+    split: str = "train"
+    """Split to read (folders, globs, save_to_disk folders, Hub datasets)."""
+    revision: str | None = None
+    """Hub dataset branch, tag or commit; default the main branch."""
+    data_files: list[str] | str | None = None
+    """Files or patterns inside a folder or Hub dataset, as `datasets.load_dataset(data_files=...)` takes them."""
     format: Literal["text", "instruction", "chat"] = "text"
     """text: raw text; instruction: alpaca fields; chat: a list of messages."""
     weight: float = 1.0
@@ -36,22 +63,37 @@ class DatasetConfig:
     content_field: str = "content"
     """Key of a message's text; "value" for sharegpt-style data."""
     role_map: dict[str, str] = field(default_factory=dict)
-    """Maps roles in the file to system/user/assistant, e.g. {human: user, gpt: assistant} (those two sharegpt
+    """Maps roles in the file to system/user/assistant/tool, e.g. {human: user, gpt: assistant} (those two sharegpt
     names are understood without a map)."""
+    tools_field: str = "tools"
+    """Field holding the row's tool definitions (format: chat), passed to the chat template as `tools`."""
+    roles_to_train: list[str] = field(default_factory=lambda: ["assistant"])
+    """Messages of these roles are trained (format: chat); the others are context."""
 
     def problems(self, key: str, check_paths: bool) -> list[str]:
-        problems = []
-        if not self.path:
-            problems.append(f"{key}.path: required")
-        elif Path(self.path).suffix not in DATA_SUFFIXES:
-            problems.append(f"{key}.path: {self.path}: unsupported file type (use {', '.join(DATA_SUFFIXES)})")
-        elif check_paths and not Path(self.path).is_file():
+        problems = [] if self.path else [f"{key}.path: required"]
+        kind = source_kind(self.path) if self.path else "file"
+        if kind is None:
+            problems.append(
+                f"{key}.path: {self.path}: unsupported file type (use {', '.join(DATA_SUFFIXES)}), and not a glob, "
+                "folder or Hub dataset id (org/name)"
+            )
+        elif kind == "file" and check_paths and self.path and not Path(self.path).is_file():
             problems.append(f"{key}.path: {self.path} does not exist")
+        elif kind == "glob" and check_paths and not glob.glob(self.path, recursive=True):
+            problems.append(f"{key}.path: {self.path} matches no files")
+        if kind == "file" and (self.name or self.split != "train" or self.data_files):
+            problems.append(f"{key}: name / split / data_files are for folders, globs and Hub datasets, not a file")
+        if self.revision and kind != "hub":
+            problems.append(f"{key}.revision: only for Hub dataset ids")
         if self.weight <= 0:
             problems.append(f"{key}.weight: must be > 0, got {self.weight}")
+        roles = f"{', '.join(CHAT_ROLES[:-1])} or {CHAT_ROLES[-1]}"
         for role, target in self.role_map.items():
             if target not in CHAT_ROLES:
-                problems.append(f"{key}.role_map.{role}: must map to {', '.join(CHAT_ROLES[:-1])} or {CHAT_ROLES[-1]}")
+                problems.append(f"{key}.role_map.{role}: must map to {roles}")
+        if not self.roles_to_train or any(role not in CHAT_ROLES for role in self.roles_to_train):
+            problems.append(f"{key}.roles_to_train: one or more of {roles}, got {self.roles_to_train}")
         return problems
 
 
@@ -81,6 +123,9 @@ class DataConfig:
     (dtrain.data.grouping.group_by_length)."""
     cache_dir: str | None = None
     """Where tokenized data is cached; default <output_dir>/../.dtrain-cache."""
+    num_proc: int | None = None
+    """Processes tokenizing on the preparing rank; default the cores available to it. Any value gives the same
+    samples (same order, same packing)."""
 
     def problems(self, check_paths: bool) -> list[str]:
         problems = [] if self.datasets else ["data.datasets: at least one training dataset is required"]
@@ -91,6 +136,8 @@ class DataConfig:
                     problems.append(
                         f"data.overlong: split applies to format text only; data.{section}[{i}] is {ds.format}"
                     )
+        if self.num_proc is not None and self.num_proc < 1:
+            problems.append(f"data.num_proc: must be >= 1, got {self.num_proc}")
         if self.seq_len < 8:
             problems.append(f"data.seq_len: must be >= 8, got {self.seq_len}")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -6,29 +6,54 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from dtrain.hub import is_hub_id, resolve
 from dtrain.tables import DTYPES
 
 
 @dataclass
 class ModelConfig:
     path: str = ""
-    """Local Hugging Face model directory (config.json, safetensors, tokenizer files). No hub downloads."""
+    """Local Hugging Face model directory (config.json, safetensors, tokenizer files), or a Hub repo id (org/name):
+    downloaded into the Hugging Face cache by check / prepare / submit, read from that cache by the ranks (offline)."""
+    revision: str | None = None
+    """Hub branch, tag or commit of a repo id in model.path; default main. The commit it resolves to is recorded
+    in every checkpoint."""
     tokenizer_path: str | None = None
-    """Tokenizer directory when it is not the model directory."""
+    """Tokenizer directory or Hub repo id when it is not the model's."""
+    trust_remote_code: bool = False
+    """Run the Python code a model repo ships (families transformers does not have). Only for repos you trust."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less activation memory, ~30 % more compute."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers. flash_attention_2 needs CUDA and the flash-attn package."""
 
     def problems(self, check_paths: bool) -> list[str]:
+        """Local paths only: a repo id is resolved by dtrain.preflight (it may download)."""
         problems = []
         if not self.path:
-            problems.append("model.path: required (a local Hugging Face model directory)")
-        elif check_paths and not (Path(self.path) / "config.json").is_file():
+            problems.append("model.path: required (a local Hugging Face model directory or a Hub repo id)")
+        elif check_paths and not is_hub_id(self.path) and not (Path(self.path) / "config.json").is_file():
             problems.append(f"model.path: {self.path} has no config.json (expected a Hugging Face model directory)")
-        if check_paths and self.tokenizer_path and not Path(self.tokenizer_path).is_dir():
-            problems.append(f"model.tokenizer_path: {self.tokenizer_path} is not a directory")
+        if self.revision and self.path and not is_hub_id(self.path):
+            problems.append(f"model.revision: only for a Hub repo id in model.path, not the folder {self.path}")
+        tokenizer = self.tokenizer_path
+        if check_paths and tokenizer and not is_hub_id(tokenizer) and not Path(tokenizer).is_dir():
+            problems.append(f"model.tokenizer_path: {tokenizer} is not a directory")
         return problems
+
+    def local_dir(self) -> Path:
+        """The folder holding the model's files: `path`, or a repo id's snapshot in the Hugging Face cache."""
+        return resolve(self.path, self.revision).local
+
+    def tokenizer_dir(self) -> Path:
+        if self.tokenizer_path:
+            return resolve(self.tokenizer_path).local
+        return self.local_dir()
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir(), trust_remote_code=self.trust_remote_code)
 
 
 @dataclass

@@ -59,13 +59,38 @@ class CheckpointConfig:
 class LoggingConfig:
     every_steps: int = 1
     """Scalars (loss, lr, grad norm, tokens/s, step time) are logged every this many steps."""
-    tensorboard: bool = True
-    """Write TensorBoard events to <output_dir>/tensorboard."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where scalars go besides metrics.jsonl: tensorboard (<output_dir>/tensorboard), wandb (mode and project from
+    WANDB_MODE / WANDB_PROJECT), mlflow (MLFLOW_TRACKING_URI, else a file store in <output_dir>/mlruns). wandb and
+    mlflow are extras: pip install 'dtrain[wandb]' / 'dtrain[mlflow]'."""
     progress_bar: bool = True
     """tqdm bar on rank 0."""
 
     def problems(self) -> list[str]:
-        return [f"logging.every_steps: must be >= 1, got {self.every_steps}"] if self.every_steps < 1 else []
+        from dtrain.reporters import REPORTERS
+
+        problems = [f"logging.every_steps: must be >= 1, got {self.every_steps}"] if self.every_steps < 1 else []
+        for name in self.report_to:
+            if name not in REPORTERS:
+                problems.append(f"logging.report_to: unknown {name!r}; choose from {', '.join(REPORTERS)}")
+        return problems
+
+
+@dataclass
+class ExportConfig:
+    on_finish: str = "none"
+    """Export written by rank 0 when training finishes (not when preempted), into <output_dir>/<kind>: none, adapter
+    (lora/qlora: PEFT folder), merged (lora/qlora: base + adapter) or hf (full: consolidated model)."""
+
+    def problems(self, strategy: str) -> list[str]:
+        from dtrain import strategies
+
+        if self.on_finish == "none" or strategy not in strategies.NAMES:
+            return []
+        kinds = strategies.get(strategy).export_kinds
+        if self.on_finish not in kinds:
+            return [f"export.on_finish: must be none or one of {', '.join(kinds)} for strategy {strategy}"]
+        return []
 
 
 @dataclass
@@ -99,6 +124,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -130,6 +156,7 @@ class Config:
             self.checkpoint.problems,
             self.eval.problems,
             self.logging.problems,
+            lambda: self.export.problems(self.strategy),
         ]
         if self.strategy in strategies.NAMES:
             strategy = strategies.get(self.strategy)

@@ -9,9 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
-CACHE_VERSION = 1  # bump when the prepared layout or any tokenization rule changes
+from filelock import FileLock
+
+from dtrain.data.sources import resolve_source
+
+CACHE_VERSION = 2  # bump when the prepared layout or any tokenization rule changes
 DONE_FILE = "report.json"  # written last inside the temporary folder; the rename publishes it
 
 
@@ -36,19 +41,34 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([body, special, chat], default=str).encode()).hexdigest()
 
 
+def memo_digest(path: Path, memo_dir: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime, inode): the first process to ask hashes it under a lock;
+    every other one (the other ranks of the node, other nodes on shared storage, the next run) reads the memo."""
+    stat = path.stat()
+    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    memo = memo_dir / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.sha256"
+    if not memo.is_file():
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(memo) + ".lock"):
+            if not memo.is_file():
+                tmp = memo.with_name(f"{memo.name}.tmp-{os.getpid()}")
+                tmp.write_text(file_digest(path))
+                os.replace(tmp, memo)  # readers never see a half-written digest
+    return memo.read_text()
+
+
 def cache_key(cfg, tokenizer) -> str:
     """Hash of everything that changes the prepared result; file contents count, file paths do not."""
     data = cfg.data
+    memo_dir = cache_root(cfg) / "digests"
 
     def dataset_material(ds) -> dict:
         fields = {k: v for k, v in dataclasses.asdict(ds).items() if k != "path"}
-        return {"sha256": file_digest(ds.path), **fields}
+        return {"source": resolve_source(ds).content_key(lambda f: memo_digest(f, memo_dir)), **fields}
 
-    knobs = {
-        k: v
-        for k, v in dataclasses.asdict(data).items()
-        if k not in ("datasets", "eval_datasets", "cache_dir", "group_by_length")
-    }
+    # num_proc only changes how fast the same samples are made
+    ignored = ("datasets", "eval_datasets", "cache_dir", "group_by_length", "num_proc")
+    knobs = {k: v for k, v in dataclasses.asdict(data).items() if k not in ignored}
     seeded = (data.eval_fraction > 0 and not data.eval_datasets) or len(data.datasets) > 1
     material = {
         "version": CACHE_VERSION,

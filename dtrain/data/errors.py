@@ -14,3 +14,6 @@ class RowError(ValueError):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # rebuilt with both arguments when it comes back from a tokenizing process
+        return RowError, (self.reason, self.detail)

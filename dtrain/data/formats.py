@@ -1,4 +1,5 @@
 """Turn one parsed row into one tokenized example: token ids plus labels (-100 where nothing is trained).
+format: chat lives in dtrain.data.chat.
 
 Every function here is pure given the tokenizer. Labels are NOT shifted (the model shifts them), and the label of
 an example's first token is always -100: in a packed block that position would otherwise be "predicted" from the
@@ -8,7 +9,6 @@ trained-token count identical with and without packing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +17,6 @@ import numpy as np
 from dtrain.data.errors import RowError
 
 IGNORE = -100
-ROLES = ("system", "user", "assistant")
-DEFAULT_ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # sharegpt's names, accepted without a role_map
 
 
 @dataclass
@@ -87,105 +85,3 @@ def instruction_example(row: dict[str, Any], ds, tokenizer, template: str) -> Ex
     return make_example(
         *_wrap(tokenizer, prompt_ids + output_ids, [False] * len(prompt_ids) + [True] * len(output_ids))
     )
-
-
-def normalize_messages(row: dict[str, Any], ds) -> list[dict[str, str]]:
-    """The row's messages as [{role, content}] with roles system/user/assistant, in a sequence that makes sense."""
-    messages = row.get(ds.messages_field)
-    if messages is None:
-        raise RowError(
-            "missing field", f"missing field {ds.messages_field!r} (fields present: {', '.join(map(str, row))})"
-        )
-    if isinstance(messages, str):  # csv / parquet files often store the list as a JSON string
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            raise RowError("wrong type", f"field {ds.messages_field!r} is a string that is not a JSON list") from None
-    if not isinstance(messages, list):
-        raise RowError("wrong type", f"field {ds.messages_field!r} must be a list, got {type(messages).__name__}")
-    if not messages:
-        raise RowError("empty conversation", f"field {ds.messages_field!r} is an empty conversation")
-    aliases = {**DEFAULT_ROLE_ALIASES, **ds.role_map}
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RowError("wrong type", f"message {i}: expected an object, got {type(message).__name__}")
-        try:
-            raw_role = get_text(message, ds.role_field)
-            content = get_text(message, ds.content_field, allow_empty=True)
-        except RowError as e:
-            raise RowError(e.reason, f"message {i}: {e.detail}") from None
-        role = aliases.get(raw_role, raw_role)
-        if role not in ROLES:
-            raise RowError("unknown role", f"message {i}: unknown role {raw_role!r} (map it with role_map)")
-        out.append({"role": role, "content": content})
-    check_role_sequence(out)
-    return out
-
-
-def check_role_sequence(messages: list[dict[str, str]]) -> None:
-    """Optional system first, then user/assistant alternating from user, ending with an assistant reply."""
-    turns = messages[1:] if messages[0]["role"] == "system" else messages
-    for i, message in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            index = i + len(messages) - len(turns)
-            raise RowError(
-                "bad role sequence",
-                f"message {index}: expected {expected}, got {message['role']}"
-                f" (roles: {' '.join(m['role'] for m in messages)})",
-            )
-    if not turns or turns[-1]["role"] != "assistant":
-        raise RowError(
-            "bad role sequence", f"no assistant reply at the end (roles: {' '.join(m['role'] for m in messages)})"
-        )
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant" and not message["content"].strip():
-            raise RowError("empty field", f"message {i}: empty assistant reply")
-
-
-def chat_example(row: dict[str, Any], ds, tokenizer, template: str) -> Example:
-    """Rendered with the chat template; only assistant turns are trained."""
-    messages = normalize_messages(row, ds)
-    if "{% generation %}" in template or "{%- generation %}" in template:
-        ids, mask = _render_with_generation_marks(tokenizer, messages, template)
-    else:
-        ids, mask = _render_by_prefixes(tokenizer, messages, template)
-    return make_example(ids, mask)
-
-
-def _render_with_generation_marks(tokenizer, messages, template) -> tuple[list[int], list[bool]]:
-    out = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-
-
-def _render_by_prefixes(tokenizer, messages, template) -> tuple[list[int], list[bool]]:
-    """Find each assistant reply as the text the template adds between "prompt so far" and "prompt + reply".
-
-    This needs a template whose rendering of a conversation prefix is a prefix of the full rendering (true for
-    ChatML, Llama, Mistral...). Character spans are then mapped to tokens with the fast tokenizer's offsets.
-    """
-
-    def render(msgs, gen_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            msgs, chat_template=template, tokenize=False, add_generation_prompt=gen_prompt
-        )
-
-    full = render(messages, False)
-    spans = []
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before, after = render(messages[:k], True), render(messages[: k + 1], False)
-        if not (full.startswith(after) and after.startswith(before)):
-            raise RowError(
-                "chat template",
-                "the chat template does not render conversation prefixes as prefixes; "
-                "add {% generation %} markers to it (data.chat_template)",
-            )
-        spans.append((len(before), len(after)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [any(start <= a and b <= end for start, end in spans) and b > a for a, b in enc["offset_mapping"]]
-    return list(enc["input_ids"]), mask

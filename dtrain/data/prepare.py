@@ -1,4 +1,4 @@
-"""Files -> tokenized examples -> eval split -> mixture -> packed `Samples`, cached on disk.
+"""Sources (dtrain.data.sources) -> tokenized examples -> eval split -> mixture -> packed `Samples`, cached on disk.
 
     prepared = prepare_data(cfg, tokenizer, rank=rank, world_size=world_size)
     prepared.train[i]  # {"input_ids", "labels", "position_ids"}, at most seq_len tokens, unpadded
@@ -16,6 +16,7 @@ were used. The result is fixed at preparation: `Samples` already reflects the mi
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections import Counter
@@ -26,12 +27,14 @@ import numpy as np
 
 from dtrain.build_once import BuildFailed, build_once
 from dtrain.data.cache import DONE_FILE, cache_key, cache_root, is_complete
+from dtrain.data.chat import chat_example, training_chat_template
 from dtrain.data.errors import DataError, RowError
-from dtrain.data.formats import IGNORE, Example, chat_example, instruction_example, text_example
+from dtrain.data.formats import IGNORE, Example, instruction_example, text_example
 from dtrain.data.packing import best_fit_decreasing
-from dtrain.data.readers import read_rows
+from dtrain.data.parallel import default_num_proc, ordered_map
 from dtrain.data.report import DatasetReport, PrepareReport, SplitReport
 from dtrain.data.samples import Samples
+from dtrain.data.sources import read_source, resolve_source
 
 
 @dataclass
@@ -63,9 +66,7 @@ def prepare_data(cfg, tokenizer, *, rank: int, world_size: int) -> PreparedData:
 
 def prepare_command(cfg) -> str:
     """`dtrain prepare CFG`: prepare ahead of time (e.g. on a login node) and return the report text."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    tokenizer = cfg.model.load_tokenizer()
     return str(prepare_data(cfg, tokenizer, rank=0, world_size=1).report)
 
 
@@ -119,35 +120,33 @@ def build_prepared(cfg, tokenizer) -> tuple[Samples, Samples | None, PrepareRepo
 
 
 def resolve_chat_template(cfg, tokenizer) -> str | None:
-    """The configured template wins; else the tokenizer's; a chat dataset with neither is a clear error."""
-    needs_chat = any(ds.format == "chat" for ds in cfg.data.datasets + cfg.data.eval_datasets)
-    template = cfg.data.chat_template or getattr(tokenizer, "chat_template", None)
-    if needs_chat and not template:
+    """The template for chat datasets (None without any); a chat dataset with no template is a clear error."""
+    if not any(ds.format == "chat" for ds in cfg.data.datasets + cfg.data.eval_datasets):
+        return None
+    template = training_chat_template(cfg, tokenizer)
+    if not template:
         raise DataError(
             f"tokenizer {cfg.tokenizer_path or '(given)'} has no chat template, and format: chat needs one: "
             "set data.chat_template to a Jinja template (see dtrain.tiny.CHAT_TEMPLATE for ChatML)"
         )
-    if isinstance(template, dict):  # some tokenizers carry several named templates
-        template = template.get("default") or next(iter(template.values()))
-    return template if needs_chat else None
+    return template
 
 
 def tokenize_dataset(ds, data, tokenizer, chat_template: str | None) -> tuple[list[Example], DatasetReport]:
     report = DatasetReport(path=str(ds.path), format=ds.format, weight=ds.weight)
     examples, skipped, dropped = [], Counter(), Counter()
-    for where, row in read_rows(ds.path):
+    rows = read_source(resolve_source(ds), ds)
+    row_fn = functools.partial(tokenize_row, ds=ds, data=data, tokenizer=tokenizer, chat_template=chat_template)
+    num_proc = data.num_proc or default_num_proc()
+    for where, outcome in ordered_map(row_fn, rows, num_proc):
         report.rows += 1
-        try:
-            if isinstance(row, RowError):
-                raise row
-            example = make_row_example(row, ds, data, tokenizer, chat_template)
-        except RowError as e:
+        if isinstance(outcome, RowError):
             if data.on_bad_row == "error":
-                raise DataError(f"{where}: {e.detail}  (set data.on_bad_row: skip to skip such rows)") from None
-            skipped[e.reason] += 1
-            report.first_skipped.setdefault(e.reason, f"{where}: {e.detail}")
+                raise DataError(f"{where}: {outcome.detail}  (set data.on_bad_row: skip to skip such rows)")
+            skipped[outcome.reason] += 1
+            report.first_skipped.setdefault(outcome.reason, f"{where}: {outcome.detail}")
             continue
-        fitted, action = fit_to_seq_len(example, data.seq_len, data.overlong)
+        fitted, action = outcome
         if action == "dropped":
             dropped["longer than seq_len"] += 1
             continue
@@ -159,6 +158,17 @@ def tokenize_dataset(ds, data, tokenizer, chat_template: str | None) -> tuple[li
         examples += fitted
     report.examples, report.skipped, report.dropped = len(examples), dict(skipped), dict(dropped)
     return examples, report
+
+
+def tokenize_row(row, *, ds, data, tokenizer, chat_template: str | None):
+    """One row -> (examples to keep, what fit_to_seq_len did), or the RowError; runs in a tokenizing process."""
+    if isinstance(row, RowError):
+        return row
+    try:
+        example = make_row_example(row, ds, data, tokenizer, chat_template)
+    except RowError as e:
+        return e
+    return fit_to_seq_len(example, data.seq_len, data.overlong)
 
 
 def fit_to_seq_len(example: Example, seq_len: int, overlong: str) -> tuple[list[Example], str | None]:

@@ -1,7 +1,7 @@
-"""Read rows from local files, naming file and line for every problem.
+"""Read rows from one local file, naming file and line for every problem.
 
 .jsonl and .json are parsed here, line by line with strict UTF-8, because `datasets`' JSON loader reports a
-malformed line without its line number. .parquet and .csv go through `datasets`. Each row comes back as
+malformed line without its line number. .parquet, .csv and .arrow go through `datasets`. Each row comes back as
 `(where, row)`, where `where` is "path:line" (or "path row N"), or as `(where, RowError)` for a row that could not
 be parsed, so the caller decides between stopping and skipping.
 """
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dtrain.config.data import DATA_FILE_BUILDERS
 from dtrain.data.errors import DataError, RowError
 
 RowOrError = tuple[str, "dict[str, Any] | RowError"]
@@ -27,12 +28,12 @@ def read_rows(path: str | Path) -> Iterator[RowOrError]:
         yield from _read_jsonl(path)
     elif suffix == ".json":
         yield from _read_json(path)
-    elif suffix in (".parquet", ".csv"):
+    elif suffix in DATA_FILE_BUILDERS:
         if suffix == ".csv" and (problem := _csv_problem(path)):
             raise DataError(f"{path}:{problem[0]}: {problem[1]}")
-        yield from _read_with_datasets(path, suffix[1:])
+        yield from _read_with_datasets(path, DATA_FILE_BUILDERS[suffix])
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv)")
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(DATA_FILE_BUILDERS)})")
 
 
 def _read_jsonl(path: Path) -> Iterator[RowOrError]:

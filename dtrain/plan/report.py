@@ -7,6 +7,7 @@ from dtrain.config import Config, ConfigError
 from dtrain.layout import BatchLayout
 from dtrain.plan.choices import Choice, Estimate, cheapest_fit, estimate, plan_alternatives
 from dtrain.plan.hardware import Hardware
+from dtrain.plan.meta import not_estimated
 from dtrain.plan.shape import ModelShape, load_model_shape
 from dtrain.units import format_bytes
 
@@ -126,7 +127,10 @@ def plan_command(
 ) -> str:
     """Text printed by `dtrain plan CONFIG --nodes --gpus-per-node --gpu-mem --cpu-mem [--nvme]`."""
     hw = Hardware(nodes, gpus_per_node, gpu_mem_bytes, cpu_mem_bytes, nvme_bytes)
-    return render_plan(load_model_shape(cfg.model.path), cfg, hw)
+    reason = not_estimated(cfg)
+    if reason:  # a family without validated formulas: its counts, and no memory figures rather than wrong ones
+        return f"model      {cfg.model.path}\nmemory     not estimated: {reason}"
+    return render_plan(load_model_shape(cfg.model.local_dir()), cfg, hw)
 
 
 def fit_problems(cfg: Config, layout: BatchLayout, hardware: Hardware) -> list[str]:
@@ -134,7 +138,7 @@ def fit_problems(cfg: Config, layout: BatchLayout, hardware: Hardware) -> list[s
     if layout.world_size != hardware.world_size:
         return [f"layout: {layout.world_size} ranks but the hardware has {hardware.world_size} GPUs"]
     try:
-        shape = load_model_shape(cfg.model.path)
+        shape = load_model_shape(cfg.model.local_dir())
     except (OSError, ValueError, KeyError) as e:
         return [f"model.path: cannot estimate memory from {cfg.model.path}/config.json: {e}"]
     own = estimate(shape, cfg, Choice.from_config(cfg), hardware)

@@ -60,7 +60,7 @@ def export_hf(checkpoint: Path, cfg: Config, out: Path, options: ExportOptions) 
     """Consolidate the shards into an HF directory, one output shard in memory at a time."""
     from dtrain import export
 
-    target = export.export_dtype(options.dtype, cfg.model.path)
+    target = export.export_dtype(options.dtype, cfg.model.local_dir())
     lazy, buffers, shared = export.lazy_engine_tensors(checkpoint)
     aliases = {alias for alias, source in shared if source in lazy}  # tied weights: saved once, as HF does
 

@@ -21,7 +21,8 @@ def load_pretrained(cfg: Config, ds_config: dict[str, Any], **kwargs: Any) -> tu
 
     keepalive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.path,
+        cfg.model.local_dir(),
+        trust_remote_code=cfg.model.trust_remote_code,
         dtype=torch_dtype(cfg.train.precision),
         attn_implementation=cfg.model.attn_implementation,
         **kwargs,
@@ -33,10 +34,10 @@ def load_pretrained(cfg: Config, ds_config: dict[str, Any], **kwargs: Any) -> tu
     return model, keepalive
 
 
-def meta_model(model_path: str | Path) -> torch.nn.Module:
+def meta_model(model_path: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model built from config.json on the meta device: every module and shape, no memory, no weights read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_path)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -83,7 +83,9 @@ def fp32_base(cfg: Config) -> torch.nn.Module:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        cfg.model.local_dir(), trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32
+    )
 
 
 LORA = Lora()

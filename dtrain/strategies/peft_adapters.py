@@ -121,7 +121,8 @@ def meta_peft_model(cfg: Config) -> torch.nn.Module:
     """Base + adapters on the meta device: the names and shapes of every adapter tensor, no memory."""
     from peft import get_peft_model
 
-    return get_peft_model(meta_model(cfg.model.path), peft_config(cfg.lora, cfg.model.path))
+    base = meta_model(cfg.model.local_dir(), cfg.model.trust_remote_code)
+    return get_peft_model(base, peft_config(cfg.lora, cfg.model.path))
 
 
 def expected_adapter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -136,10 +137,10 @@ def expected_adapter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 
 def target_problems(cfg: Config) -> list[str]:
     """Target modules and modules_to_save that this model does not have, each naming its key."""
-    if not (Path(cfg.model.path) / "config.json").is_file():
+    if not (cfg.model.local_dir() / "config.json").is_file():
         return []  # a missing model directory is reported by the config validation
     try:
-        model = meta_model(cfg.model.path)
+        model = meta_model(cfg.model.local_dir(), cfg.model.trust_remote_code)
     except (ValueError, KeyError, OSError) as e:
         return [f"model.path: cannot build the model from {cfg.model.path}/config.json: {e}"]
     modules = dict(model.named_modules())
@@ -209,7 +210,9 @@ def export_adapter(checkpoint: Path, cfg: Config, out: Path) -> ExportResult:
     tensors = adapter_tensors(cfg, checkpoint)
     # PEFT's file names drop the adapter name ("lora_A.default.weight" -> "lora_A.weight").
     peft_names = get_peft_model_state_dict(meta_peft_model(cfg), state_dict=tensors)
-    peft_config(cfg.lora, str(Path(cfg.model.path).resolve())).save_pretrained(str(out))
+    # The base as the user named it (a repo id, or their path), never this machine's resolved folder.
+    peft_config(cfg.lora, cfg.model.path).save_pretrained(str(out))
+    copy_tokenizer(cfg, out)  # with the chat template the data was built with
     save_file({k: v.contiguous() for k, v in peft_names.items()}, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return ExportResult(out, ["adapter_config.json", ADAPTER_WEIGHTS], len(peft_names), peak_rss_mb())
 
@@ -227,7 +230,7 @@ def export_merged(
     if result.unexpected_keys:
         raise ExportError(f"adapter does not fit the model: unexpected {result.unexpected_keys}")
     merged = model.merge_and_unload()
-    cast_parameters(merged, export_dtype(options.dtype, cfg.model.path))
+    cast_parameters(merged, export_dtype(options.dtype, cfg.model.local_dir()))
     merged.save_pretrained(str(out), max_shard_size=options.max_shard_bytes, safe_serialization=True)
     copy_tokenizer(cfg, out)
     files = sorted(p.name for p in out.glob("*.safetensors"))

@@ -119,7 +119,10 @@ def dequantized_base(cfg: Config) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(
-        cfg.model.path, quantization_config=bnb_config(cfg), dtype=torch.float32
+        cfg.model.local_dir(),
+        trust_remote_code=cfg.model.trust_remote_code,
+        quantization_config=bnb_config(cfg),
+        dtype=torch.float32,
     )
     disable_cpu_weight_repacking(base, torch.device("cpu"))
     base = base.dequantize(dtype=torch.float32)

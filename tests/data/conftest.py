@@ -13,6 +13,19 @@ from dtrain.tiny import SAMPLE_DIR, make_tiny_model
 SAMPLE = SAMPLE_DIR
 
 
+@pytest.fixture(autouse=True)
+def private_hf_caches(tmp_path, monkeypatch):
+    """`datasets` and the Hub cache inside tmp_path, offline: no test writes to ~/.cache or reaches for the network.
+    Returns the Hub cache folder (see tests/hub_cache.py to fill it)."""
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))

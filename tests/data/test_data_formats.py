@@ -8,7 +8,8 @@ import pytest
 
 from dtrain.config import DatasetConfig
 from dtrain.data import DataError, prepare_data
-from dtrain.data.formats import chat_example, instruction_example, text_example
+from dtrain.data.chat import chat_example
+from dtrain.data.formats import instruction_example, text_example
 from dtrain.tiny import CHAT_TEMPLATE, train_tokenizer
 
 X = -100

@@ -46,7 +46,7 @@ def test_data_config_problems_are_listed_with_their_keys():
             "group_by_length": True,
         }
     )
-    assert "data.datasets[1].role_map.gpt: must map to system, user or assistant" in problems
+    assert "data.datasets[1].role_map.gpt: must map to system, user, assistant or tool" in problems
     assert "data.overlong: split applies to format text only; data.datasets[0] is instruction" in problems
     assert any(p.startswith("data.instruction_template: unknown placeholder {question}") for p in problems)
     assert "data.instruction_template: must contain {instruction}" in problems

@@ -149,3 +149,21 @@ def test_prepare_command_prints_the_counts(make_cfg):
     text = prepare_command(make_cfg((INSTRUCTION, "instruction"), eval_fraction=0.05))
     for expected in ("200 rows -> 200 examples", "10 held out", "packed blocks", "fill ratio", "truncated 0"):
         assert expected in text
+
+
+def test_parallel_tokenization_gives_the_same_samples_and_report(tmp_path, make_cfg, tokenizer):
+    mixed = tmp_path / "mixed.jsonl"
+    lines = CHAT.read_text().splitlines()
+    mixed.write_text("\n".join(lines[:150] + ["not json", '{"messages": []}'] + lines[150:]) + "\n")
+    prepared = {}
+    for num_proc in (1, 2):
+        cache = str(tmp_path / f"c{num_proc}")
+        cfg = make_cfg((mixed, "chat"), (TEXT, "text"), on_bad_row="skip", cache_dir=cache, num_proc=num_proc)
+        prepared[num_proc] = prepare_data(cfg, tokenizer, rank=0, world_size=1)
+    serial, parallel = prepared[1], prepared[2]
+    for name in ("input_ids", "labels", "position_ids", "offsets"):
+        assert np.array_equal(getattr(serial.train, name), getattr(parallel.train, name)), name
+    assert serial.report.datasets == parallel.report.datasets and serial.report.skipped == {
+        "malformed JSON": 1,
+        "empty conversation": 1,
+    }
