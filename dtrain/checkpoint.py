@@ -144,7 +144,7 @@ class Checkpointer:
         internal barrier until the collective timeout; checking first turns that into an immediate, clear error."""
         previous = complete_checkpoints(self.directory)
         # Consecutive checkpoints of a run have the same size; before the first one, estimate from the model.
-        needed = _tree_bytes(previous[-1]) if previous else _estimated_bytes(engine.module, self.save_options)
+        needed = tree_bytes(previous[-1]) if previous else _estimated_bytes(engine.module, self.save_options)
         free = shutil.disk_usage(self.directory).free
         short = torch.tensor([float(free < needed * 1.1)], device=self.device)
         dist.all_reduce(short, op=dist.ReduceOp.MAX)
@@ -194,7 +194,7 @@ class Checkpointer:
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _tree_bytes(root: Path) -> int:
+def tree_bytes(root: Path) -> int:
     """Bytes of a checkpoint's own files (a cached universal conversion is not written by a save)."""
     return sum(
         os.path.getsize(os.path.join(folder, name))

@@ -3,10 +3,9 @@ batch never exist at once.
 
 The plain transformers forward computes logits [tokens, V], upcasts them to fp32 and takes a log-softmax:
 max(a + 8, 12)·V bytes per token (a = bytes of the compute dtype; see dtrain.plan), 1.5 MB per token at Llama-3's
-128,256-token vocabulary — the activation peak of a step. Here the tokens are split into `chunk_count(V, h)` slices,
-each one's head + loss under non-reentrant activation checkpointing: forward keeps only the loss, backward recomputes
-one slice's logits at a time. A slice's logits then hold about as many elements as the micro batch's hidden states.
-The price is one more forward of the head (2·h·V flops per token, ~2 % of a Llama-3-8B step).
+128,256-token vocabulary — the activation peak of a step. Here the tokens are split into slices, each one's head +
+loss under non-reentrant activation checkpointing: forward keeps only the loss, backward recomputes one slice's
+logits at a time. The price is one more forward of the head (2·h·V flops per token, ~2 % of a Llama-3-8B step).
 
 The head is called as a module, never through its weight: under ZeRO-3 DeepSpeed's module hooks gather lm_head's
 weight for each call and for its recomputation in backward, and peft's wrappers (LoRA on lm_head, modules_to_save)
@@ -29,10 +28,17 @@ from dtrain.data.formats import IGNORE
 CHUNKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
-def chunk_count(vocab_size: int, hidden_size: int) -> int:
-    """Slices per micro batch such that one slice's logits (tokens/slices x V) hold no more elements than the hidden
-    states of all its tokens (tokens x h): the loss then stops being the activation peak, whatever the batch."""
-    return math.ceil(vocab_size / hidden_size)
+def plain_loss_bytes(vocab_size: int, dtype_bytes: int) -> int:
+    """Bytes per token the plain loss holds at its peak: forward keeps the logits, their fp32 copy and the fp32
+    log-softmax, (a + 8)·V; backward the log-softmax, its gradient and the logits' fp32 gradient, 12·V."""
+    return max(dtype_bytes + 8, 12) * vocab_size
+
+
+def chunk_count(loss_bytes: float, layer_bytes: float) -> int:
+    """Slices per micro batch: the fewest that make one slice's loss transient no larger than what one decoder layer
+    keeps for backward (both per token). Then the loss is never the activation peak — with checkpointing the peak is
+    one layer's recomputation, without it all layers together — and more slices would only add head calls."""
+    return max(1, math.ceil(loss_bytes / layer_bytes))
 
 
 def causal_lm_loss(
@@ -69,11 +75,18 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def chunks_for(model: torch.nn.Module) -> int:
-    """Slices the chunked loss would use for `model`; 1 where it does not apply or would not help."""
-    config = causal_lm_of(model).config
+    """Slices the chunked loss uses for `model` (dtrain.plan's per-token byte counts); 1 where it does not apply."""
+    from dtrain.plan import ModelShape, _layer_activation_bytes
+
+    causal_lm = causal_lm_of(model)
+    config = causal_lm.config
     if config.model_type not in CHUNKABLE_MODEL_TYPES:
         return 1
-    return chunk_count(config.vocab_size, config.hidden_size)
+    shape = ModelShape.from_hf_config(config.to_dict())
+    a = causal_lm.get_output_embeddings().weight.element_size()
+    # sdpa's layer: eager keeps more (its s x s softmax), so this errs towards more slices
+    layer = _layer_activation_bytes(shape, "sdpa", a, seq_len=0, frozen_base=causal_lm is not model)
+    return chunk_count(plain_loss_bytes(shape.vocab_size, a), layer)
 
 
 def install_chunked_loss(model: torch.nn.Module) -> int:

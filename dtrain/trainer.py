@@ -7,12 +7,13 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dtrain.checkpoint import ENGINE_TAG, Checkpointer, Progress, read_progress, resolve_resume
+from dtrain.checkpoint import ENGINE_TAG, Checkpointer, Progress, read_progress, resolve_resume, tree_bytes
 from dtrain.config import Config
 from dtrain.data import PreparedData, collate, prefetched, prepare_data
 from dtrain.dist import DistEnv
@@ -114,7 +115,11 @@ class Trainer:
             stopping = result.stop
             finished = progress.step >= self.total_steps
             if self.checkpointer.should_save(progress.step, finished, stopping):
+                save_started = time.perf_counter()
                 saved = self.checkpointer.save(self.engine, progress)
+                log.log(
+                    progress.step, self._save_scalars(saved, time.perf_counter() - save_started), "checkpoint", True
+                )
                 log.message(f"saved {saved}")
         log.close()
         self.collator.shutdown()
@@ -211,6 +216,11 @@ class Trainer:
             "tokens_per_s": result.tokens / elapsed,
             "step_time": elapsed,
         }
+
+    def _save_scalars(self, saved: Path, seconds: float) -> dict[str, float]:
+        """Seconds of the save (all ranks written, synced, renamed) and the bytes it wrote; rank 0 only (it logs)."""
+        written = tree_bytes(saved) if self.env.is_main else 0
+        return {"save_seconds": seconds, "bytes": written, "bytes_per_s": written / seconds}
 
     def _should_eval(self, step: int) -> bool:
         if self.data.eval is None or len(self.data.eval) == 0:

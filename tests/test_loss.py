@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
-from dtrain.loss import IGNORE, chunk_count, chunks_for, install_chunked_loss
+from dtrain.data import IGNORE
+from dtrain.loss import chunk_count, chunks_for, install_chunked_loss
 
-VOCAB, HIDDEN = 1000, 64  # 16 slices
+LLAMA3_8B = Path(__file__).resolve().parents[1] / "configs/models/llama-3-8b"
+VOCAB, HIDDEN = 1000, 64  # 3 slices of a full model, 5 with a frozen base
 
 
 def tiny_llama(**overrides):
@@ -21,7 +24,7 @@ def tiny_llama(**overrides):
     return LlamaForCausalLM(config).train()
 
 
-def packed_batch(rows: int = 2, seq_len: int = 48) -> dict[str, torch.Tensor]:
+def packed_batch(rows: int = 2, seq_len: int = 47) -> dict[str, torch.Tensor]:
     """Two documents per row, position ids restarting at each, prompt tokens and padding labelled IGNORE."""
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, VOCAB, (rows, seq_len), generator=generator)
@@ -43,7 +46,7 @@ def loss_and_grads(model, batch, **kwargs) -> tuple[torch.Tensor, dict[str, torc
 def assert_chunked_equals_plain(model, **kwargs) -> None:
     batch = packed_batch()
     plain_loss, plain_grads = loss_and_grads(model, batch, **kwargs)
-    assert install_chunked_loss(model) == chunk_count(VOCAB, HIDDEN) == 16
+    assert install_chunked_loss(model) == chunks_for(model) > 1
     chunked_loss, chunked_grads = loss_and_grads(model, batch, **kwargs)
     torch.testing.assert_close(chunked_loss, plain_loss, rtol=1e-6, atol=1e-6)
     assert chunked_grads.keys() == plain_grads.keys() and plain_grads
@@ -83,8 +86,13 @@ def test_without_labels_the_plain_forward_runs():
 
 
 def test_where_it_applies():
-    assert chunk_count(128_256, 4096) == 32 and chunk_count(128_256, 8192) == 16
-    assert chunks_for(tiny_llama()) == 16
+    assert (chunk_count(10, 5), chunk_count(11, 5), chunk_count(4, 5)) == (2, 3, 1)
+    assert chunks_for(tiny_llama()) == 3
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # Llama-3-8B in bf16: 1.5 MB of plain loss per token, ~8x what one layer keeps
+        llama3 = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(LLAMA3_8B), dtype=torch.bfloat16)
+    assert chunks_for(llama3) == 8
     from transformers import GemmaConfig, GemmaForCausalLM  # logit soft-capping family: plain forward kept
 
     config = GemmaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -99,7 +107,6 @@ def test_zero3_partitioned_head_untied_and_tied(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     env = os.environ | {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
