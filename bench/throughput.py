@@ -42,7 +42,10 @@ def dtrain_config(root: Path, strategy: str, model: Path, args: argparse.Namespa
     raw["model"]["path"] = str(model)
     for ds in raw["data"]["datasets"]:
         ds["path"] = str(REPO / ds["path"])
-    raw["data"]["seq_len"] = args.seq_len
+    raw["data"] |= {
+        "seq_len": args.seq_len,
+        "cache_dir": str(model.parent / "data-cache"),
+    }  # prepared once, read by all
     raw["train"] |= {"micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1, "max_steps": args.steps}
     raw["checkpoint"] |= {"every_steps": 10**6, "keep_last": 0, "resume": "never"}  # one save, after the last step
     raw["eval"] |= {"every_steps": 0, "max_batches": 1}  # eval runs after the measured steps

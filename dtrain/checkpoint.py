@@ -6,9 +6,11 @@ Layout of one checkpoint (`<dir>/step-00000040/`):
     config.yaml             the resolved config of the run
     trainer_state.json      step, data position, tokens seen, batch layout; written LAST
 
-All ranks write into `<dir>/.tmp-step-00000040/`; once every rank is done, rank 0 writes trainer_state.json, syncs
-the files to disk and renames the folder to its final name. A rename within one filesystem is atomic, so a folder
-named `step-*` is always complete, and a crash at any moment leaves either the old set of checkpoints or the new one.
+All ranks write into `<dir>/.tmp-step-00000040/`, each one syncing every file it wrote to disk right after writing
+it (in parallel, and on the node whose cache holds the data: on a shared file system only the writer's fsync makes
+its data durable). Once every rank is done, rank 0 writes trainer_state.json, syncs it and the folders, and renames
+the folder to its final name. A rename within one filesystem is atomic, so a folder named `step-*` is always
+complete, and a crash at any moment leaves either the old set of checkpoints or the new one.
 Resume `auto` picks the newest `step-*` folder that holds trainer_state.json and never looks at `.tmp-*` ones.
 """
 
@@ -109,15 +111,14 @@ class Checkpointer:
         self.directory.mkdir(parents=True, exist_ok=True)  # on every rank: each one checks its free space
         if self.rank == 0:
             self._clear_partial()
-        self._check_space(engine, final.name)
+        self._check_space(engine, final.name)  # a collective: rank 0 has cleared leftovers when it returns
         try:
-            if self.rank == 0:
-                tmp.mkdir()
-            dist.barrier()
-            # Every rank writes its own partition: optimizer state is sharded across ranks.
+            _durable_torch_save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
+            # Every rank writes its own partition: optimizer state is sharded across ranks. DeepSpeed returns from
+            # its closing barrier, when every rank's files are written (and synced, see _SyncingCheckpointEngine).
+            if not isinstance(engine.checkpoint_engine, _SyncingCheckpointEngine):
+                engine.checkpoint_engine = _SyncingCheckpointEngine(engine.checkpoint_engine)
             engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False, **self.save_options)
-            _atomic_torch_save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
-            dist.barrier()
             if self.rank == 0:
                 self._publish(tmp, final, progress)
         except OSError as e:
@@ -127,10 +128,11 @@ class Checkpointer:
 
     def _publish(self, tmp: Path, final: Path, progress: Progress) -> None:
         """Rank 0, once every rank's shards are written: metadata last, sync, then the atomic rename."""
-        (tmp / "config.yaml").write_text(dump_yaml(self.cfg))
         state = {"progress": asdict(progress), "format": 1}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fsync_tree(tmp)
+        _durable_write(tmp / "config.yaml", dump_yaml(self.cfg).encode())
+        _durable_write(tmp / STATE_FILE, json.dumps(state, indent=2).encode())
+        for folder, _, _ in os.walk(tmp):  # the entries of every file written (the files themselves are synced)
+            _fsync_dir(Path(folder))
         if final.exists():  # an incomplete folder of that name (not ours: ours appear only whole) is replaced
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -232,22 +234,41 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+class _SyncingCheckpointEngine:
+    """DeepSpeed's checkpoint engine, with each file synced to disk by the rank that wrote it, as soon as written."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self._inner.save(state_dict, path)
+        _fsync_file(path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _durable_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with path.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
+def _durable_write(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
