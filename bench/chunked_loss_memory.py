@@ -18,7 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dtrain.loss import install_chunked_loss  # noqa: E402
-from dtrain.plan import ModelShape, activation_bytes, format_bytes  # noqa: E402
+from dtrain.plan.memory import activation_bytes  # noqa: E402
+from dtrain.plan.shape import ModelShape  # noqa: E402
+from dtrain.units import format_bytes  # noqa: E402
 from tests.test_plan import cpu_step_peak  # noqa: E402
 
 
@@ -39,16 +41,14 @@ def main() -> None:
     torch.manual_seed(0)
     plain = LlamaForCausalLM(config).to(torch.bfloat16).train()
     chunked = copy.deepcopy(plain)
-    chunks = install_chunked_loss(chunked)
+    tokens = args.micro_batch * args.seq_len
+    chunks = install_chunked_loss(chunked, tokens)
     ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq_len))
     shape = ModelShape.from_hf_config(config.to_dict())
-    tokens = args.micro_batch * args.seq_len
     print(f"vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, {tokens} tokens, bf16, {chunks} slices")
-    for name, model, predict_chunks in (("plain", plain, 1), ("chunked", chunked, chunks)):
+    for name, model, chunked_run in (("plain", plain, False), ("chunked", chunked, True)):
         measured = cpu_step_peak(model, ids)
-        predicted = activation_bytes(
-            shape, args.seq_len, args.micro_batch, False, "sdpa", 2, loss_chunks=predict_chunks
-        )
+        predicted = activation_bytes(shape, args.seq_len, args.micro_batch, False, "sdpa", 2, chunked_loss=chunked_run)
         print(f"  {name:8s} measured {format_bytes(measured):>9s}  predicted {format_bytes(predicted):>9s} "
               f"({100 * (predicted / measured - 1):+.1f} %)")  # fmt: skip
 

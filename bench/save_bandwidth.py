@@ -83,7 +83,12 @@ def main() -> None:
             ds["path"] = str(REPO / ds["path"])
         raw["output_dir"] = str(root / "run")
         raw["data"]["seq_len"] = 64
-        raw["train"] |= {"micro_batch_size": 1, "gradient_accumulation_steps": 1, "max_steps": args.saves}
+        raw["train"] |= {
+            "micro_batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "max_steps": args.saves,
+            "warmup_steps": 0,
+        }
         raw["checkpoint"] |= {"every_steps": 1, "keep_last": 0}
         raw["eval"] |= {"every_steps": 0, "max_batches": 1}
         raw["logging"] |= {"progress_bar": False, "tensorboard": False}

@@ -2,7 +2,7 @@
 batch never exist at once.
 
 The plain transformers forward computes logits [tokens, V], upcasts them to fp32 and takes a log-softmax:
-max(a + 8, 12)·V bytes per token (a = bytes of the compute dtype; see dtrain.plan), 1.5 MB per token at Llama-3's
+max(a + 8, 12)·V bytes per token (a = bytes of the compute dtype; dtrain.plan.memory), 1.5 MB per token at Llama-3's
 128,256-token vocabulary — the activation peak of a step. Here the tokens are split into slices, each one's head +
 loss under non-reentrant activation checkpointing: forward keeps only the loss, backward recomputes one slice's
 logits at a time. The price is one more forward of the head (2·h·V flops per token, ~2 % of a Llama-3-8B step).
@@ -26,19 +26,6 @@ from dtrain.data.formats import IGNORE
 # Families whose causal-LM forward is exactly `lm_head(final hidden states)` then ForCausalLMLoss: no logit scale or
 # soft-capping that a chunked path would have to repeat (Gemma, Cohere, ... keep the plain forward).
 CHUNKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
-def plain_loss_bytes(vocab_size: int, dtype_bytes: int) -> int:
-    """Bytes per token the plain loss holds at its peak: forward keeps the logits, their fp32 copy and the fp32
-    log-softmax, (a + 8)·V; backward the log-softmax, its gradient and the logits' fp32 gradient, 12·V."""
-    return max(dtype_bytes + 8, 12) * vocab_size
-
-
-def chunk_count(loss_bytes: float, layer_bytes: float) -> int:
-    """Slices per micro batch: the fewest that make one slice's loss transient no larger than what one decoder layer
-    keeps for backward (both per token). Then the loss is never the activation peak — with checkpointing the peak is
-    one layer's recomputation, without it all layers together — and more slices would only add head calls."""
-    return max(1, math.ceil(loss_bytes / layer_bytes))
 
 
 def causal_lm_loss(
@@ -74,28 +61,30 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def chunks_for(model: torch.nn.Module) -> int:
-    """Slices the chunked loss uses for `model` (dtrain.plan's per-token byte counts); 1 where it does not apply."""
-    from dtrain.plan import ModelShape, _layer_activation_bytes
+def chunks_for(model: torch.nn.Module, tokens: int) -> int:
+    """Slices the chunked loss uses for `model` on micro batches of up to `tokens` (dtrain.plan's `loss_chunks`);
+    1 where it does not apply or would not need less memory."""
+    from dtrain.plan.memory import loss_chunks
+    from dtrain.plan.shape import ModelShape
 
     causal_lm = causal_lm_of(model)
     config = causal_lm.config
     if config.model_type not in CHUNKABLE_MODEL_TYPES:
         return 1
     shape = ModelShape.from_hf_config(config.to_dict())
-    a = causal_lm.get_output_embeddings().weight.element_size()
-    # sdpa's layer: eager keeps more (its s x s softmax), so this errs towards more slices
-    layer = _layer_activation_bytes(shape, "sdpa", a, seq_len=0, frozen_base=causal_lm is not model)
-    return chunk_count(plain_loss_bytes(shape.vocab_size, a), layer)
+    head = causal_lm.get_output_embeddings().weight
+    frozen_base = causal_lm is not model
+    return loss_chunks(shape, head.element_size(), tokens, frozen_base, head_trained=head.requires_grad)
 
 
-def install_chunked_loss(model: torch.nn.Module) -> int:
+def install_chunked_loss(model: torch.nn.Module, tokens: int) -> int:
     """Make `model`'s forward compute its loss chunked when called with labels (training and eval; without labels,
-    e.g. for generation, it is the plain forward). Returns the slices used; 1 leaves the model unchanged.
+    e.g. for generation, it is the plain forward), for micro batches of up to `tokens`. Returns the slices used; 1
+    leaves the model unchanged.
 
     The causal LM's `forward` is replaced on the instance, not the class: DeepSpeed's engine and peft call it through
     the module as before, and the module tree, its hooks and its state dict stay the same."""
-    chunks = chunks_for(model)
+    chunks = chunks_for(model, tokens)
     if chunks < 2:
         return 1
     causal_lm = causal_lm_of(model)

@@ -17,7 +17,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 
 import torch
 
-from tests.test_loss import packed_batch
+from tests.test_loss import TOKENS, packed_batch
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
@@ -40,7 +40,7 @@ def loss_and_grads(tied: bool, chunked: bool) -> tuple[float, dict[str, torch.Te
     keepalive = HfDeepSpeedConfig(DS_CONFIG)  # noqa: F841 - transformers builds under zero.Init while this lives
     model = tiny_llama(tie_word_embeddings=tied)
     if chunked:
-        assert install_chunked_loss(model) > 1
+        assert install_chunked_loss(model, TOKENS) > 1
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=DS_CONFIG)
     assert all(p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters() if p.ds_numel > 64)

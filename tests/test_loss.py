@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dtrain.data import IGNORE
-from dtrain.loss import chunk_count, chunks_for, install_chunked_loss
+from dtrain.loss import chunks_for, install_chunked_loss
 
 LLAMA3_8B = Path(__file__).resolve().parents[1] / "configs/models/llama-3-8b"
 VOCAB, HIDDEN = 1000, 64  # 3 slices of a full model, 5 with a frozen base
@@ -24,7 +24,11 @@ def tiny_llama(**overrides):
     return LlamaForCausalLM(config).train()
 
 
-def packed_batch(rows: int = 2, seq_len: int = 47) -> dict[str, torch.Tensor]:
+ROWS, SEQ_LEN = 2, 47
+TOKENS = ROWS * SEQ_LEN
+
+
+def packed_batch(rows: int = ROWS, seq_len: int = SEQ_LEN) -> dict[str, torch.Tensor]:
     """Two documents per row, position ids restarting at each, prompt tokens and padding labelled IGNORE."""
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, VOCAB, (rows, seq_len), generator=generator)
@@ -46,7 +50,7 @@ def loss_and_grads(model, batch, **kwargs) -> tuple[torch.Tensor, dict[str, torc
 def assert_chunked_equals_plain(model, **kwargs) -> None:
     batch = packed_batch()
     plain_loss, plain_grads = loss_and_grads(model, batch, **kwargs)
-    assert install_chunked_loss(model) == chunks_for(model) > 1
+    assert install_chunked_loss(model, TOKENS) == chunks_for(model, TOKENS) > 1
     chunked_loss, chunked_grads = loss_and_grads(model, batch, **kwargs)
     torch.testing.assert_close(chunked_loss, plain_loss, rtol=1e-6, atol=1e-6)
     assert chunked_grads.keys() == plain_grads.keys() and plain_grads
@@ -80,25 +84,25 @@ def test_peft_model(lm_head):
 def test_without_labels_the_plain_forward_runs():
     model = tiny_llama()
     reference = copy.deepcopy(model)
-    install_chunked_loss(model)
+    install_chunked_loss(model, TOKENS)
     batch = {k: v for k, v in packed_batch().items() if k != "labels"}
     torch.testing.assert_close(model(**batch).logits, reference(**batch).logits)
 
 
 def test_where_it_applies():
-    assert (chunk_count(10, 5), chunk_count(11, 5), chunk_count(4, 5)) == (2, 3, 1)
-    assert chunks_for(tiny_llama()) == 3
+    assert chunks_for(tiny_llama(), TOKENS) == 3
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):  # Llama-3-8B in bf16: 1.5 MB of plain loss per token, ~8x what one layer keeps
         llama3 = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(LLAMA3_8B), dtype=torch.bfloat16)
-    assert chunks_for(llama3) == 8
+    # a micro batch of 4,096 tokens: 8 slices; of 512: the plain loss (0.8 GB) needs less than the head's gradients
+    assert chunks_for(llama3, 4096) == 8 and chunks_for(llama3, 512) == 1
     from transformers import GemmaConfig, GemmaForCausalLM  # logit soft-capping family: plain forward kept
 
     config = GemmaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          head_dim=16, intermediate_size=64, vocab_size=256)  # fmt: skip
     gemma = GemmaForCausalLM(config)
-    assert chunks_for(gemma) == 1 and install_chunked_loss(gemma) == 1
+    assert chunks_for(gemma, TOKENS) == 1 and install_chunked_loss(gemma, TOKENS) == 1
 
 
 def test_zero3_partitioned_head_untied_and_tied(tmp_path):

@@ -13,25 +13,21 @@ import pytest
 import torch
 import yaml
 
-from dtrain.config import LoraConfig, QuantizationConfig, load_config
+from dtrain import strategies
+from dtrain.config import Config, LoraConfig, QuantizationConfig, load_config
 from dtrain.layout import BatchLayout
-from dtrain.plan import (
-    Choice,
-    Hardware,
-    ModelShape,
-    ZeroChoice,
-    activation_bytes,
-    fit_problems,
-    format_bytes,
-    load_model_shape,
-    lora_linear_params,
-    lora_targets,
-    lora_trainable_params,
-    model_states,
-    param_counts,
-    parse_size,
-    plan_command,
-)
+from dtrain.plan.choices import Choice
+from dtrain.plan.hardware import Hardware
+from dtrain.plan.memory import ZeroChoice, activation_bytes, model_states
+from dtrain.plan.report import fit_problems, plan_command
+from dtrain.plan.shape import ModelShape, load_model_shape, lora_linear_params, lora_targets, lora_trainable_params
+from dtrain.units import format_bytes, parse_size
+
+
+def param_counts(shape, strategy: str, lora: LoraConfig, quant: QuantizationConfig):
+    """What the strategy tells the planner it holds."""
+    return strategies.get(strategy).plan_terms(shape, Config(strategy=strategy, lora=lora, quantization=quant)).counts
+
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3_8B, LLAMA3_70B = REPO / "configs/models/llama-3-8b", REPO / "configs/models/llama-3-70b"
@@ -117,7 +113,7 @@ def test_lora_trainable_count_equals_peft(case):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from dtrain.adapters import peft_config
+    from dtrain.strategies.peft_adapters import peft_config
 
     model_type, overrides, lora = LORA_CASES[case]
     config = hf_config(model_type, **overrides)
@@ -230,13 +226,16 @@ def cpu_step_peak(model, ids) -> int:
     return peak
 
 
-ACTIVATION_CASES = {
-    "sdpa": ("sdpa", False, None),
-    "sdpa-checkpointing": ("sdpa", True, None),
-    "eager-gqa": ("eager", False, None),
-    "eager-gqa-checkpointing": ("eager", True, None),
-    "sdpa-lora": ("sdpa", False, ["q_proj", "v_proj"]),
-    "sdpa-lora-all-linear-checkpointing": ("sdpa", True, "all-linear"),
+ACTIVATION_CASES = {  # attention, checkpointing, LoRA targets, dtrain's chunked loss (dtrain.loss)
+    "sdpa": ("sdpa", False, None, False),
+    "sdpa-checkpointing": ("sdpa", True, None, False),
+    "eager-gqa": ("eager", False, None, False),
+    "eager-gqa-checkpointing": ("eager", True, None, False),
+    "sdpa-lora": ("sdpa", False, ["q_proj", "v_proj"], False),
+    "sdpa-lora-all-linear-checkpointing": ("sdpa", True, "all-linear", False),
+    "sdpa-chunked-loss": ("sdpa", False, None, True),
+    "sdpa-chunked-loss-checkpointing": ("sdpa", True, None, True),
+    "sdpa-lora-chunked-loss": ("sdpa", False, ["q_proj", "v_proj"], True),
 }
 
 
@@ -244,7 +243,7 @@ ACTIVATION_CASES = {
 def test_activation_formula_matches_cpu_peak(case):
     from transformers import LlamaForCausalLM
 
-    attn, checkpointing, targets = ACTIVATION_CASES[case]
+    attn, checkpointing, targets, chunked = ACTIVATION_CASES[case]
     # sdpa without a mask uses native GQA on CPU while plan assumes the (masked, packed) repeat: equal kv heads here
     kv_heads = 2 if attn == "eager" else 4
     config = hf_config("llama", hidden_size=256, intermediate_size=704, vocab_size=4096, num_key_value_heads=kv_heads,
@@ -260,28 +259,22 @@ def test_activation_formula_matches_cpu_peak(case):
         model = get_peft_model(model, PeftLoraConfig(r=8, lora_dropout=0.05, target_modules=targets))
         if checkpointing:
             model.enable_input_require_grads()  # checkpointed frozen layers need an input that requires grad
+    if chunked:
+        from dtrain.loss import install_chunked_loss
+
+        assert install_chunked_loss(model, 2 * 128) > 1
     batch, seq_len = 2, 128
     measured = cpu_step_peak(model, torch.randint(0, config.vocab_size, (batch, seq_len)))
     shape = ModelShape.from_hf_config(config.to_dict())
     adapters = lora_targets(shape, targets) if targets else None
-    predicted = activation_bytes(shape, seq_len, batch, checkpointing, attn, 2, adapters, lora_r=8)
+    predicted = activation_bytes(
+        shape, seq_len, batch, checkpointing, attn, 2, adapters, lora_r=8, chunked_loss=chunked
+    )
     assert predicted == pytest.approx(measured, rel=0.03)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Plans, verdicts and the CLI entry points
-
-
-def test_parse_size():
-    assert parse_size("80GB") == 80 * 10**9
-    assert parse_size("1TB") == 10**12
-    assert parse_size("24GiB") == 24 * 2**30
-    assert parse_size("1.5 TB") == 1_500_000_000_000
-    assert parse_size("512G") == 512 * 2**30  # bare letters are binary, as Slurm's --mem
-    assert parse_size("1000") == 1000
-    for bad in ("", "80 gigs", "GB", "-1GB"):
-        with pytest.raises(ValueError):
-            parse_size(bad)
 
 
 def test_shipped_configs_load():
