@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from dtrain.tables import torch_dtype
+
+if TYPE_CHECKING:
+    from dtrain.config import Config
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -48,3 +54,10 @@ def choose_attention(
     if packing:
         return AttentionChoice("flash_attention_2", "varlen kernel from packed position ids, no mask")
     return AttentionChoice("flash_attention_2", "padding handled by unpadding, no dense mask")
+
+
+def attention_for(cfg: Config) -> AttentionChoice:
+    """The choice for a run of `cfg` on this machine (CUDA when it has a GPU, as dtrain.dist decides)."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch_dtype(cfg.train.precision)
+    return choose_attention(cfg.model.attn_implementation, device_type, dtype, cfg.data.packing, flash_attn_installed())

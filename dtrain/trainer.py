@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain import strategies
+from dtrain.attention import attention_for
 from dtrain.checkpoint import Checkpointer, tree_bytes
 from dtrain.checkpoint_layout import ENGINE_TAG, UNIVERSAL_TAG, Progress
 from dtrain.config import Config
@@ -109,6 +110,7 @@ class Trainer:
             if progress.step == first_step:
                 self.startup.mark("first step")
                 log.message(self.startup.line())
+                log.message(attention_for(self.cfg).line())
                 log.log(progress.step, self.startup.phases, prefix="startup", force=True)
             if self._should_eval(progress.step):
                 log.log(progress.step, {"loss": self.evaluate()}, prefix="eval", force=True)

@@ -26,3 +26,13 @@ def test_choice(configured, device, dtype, packing, flash, expected):
     choice = choose_attention(configured, device, dtype, packing, flash)
     assert choice.implementation == expected
     assert choice.line().startswith(f"attention: {expected} (") and choice.reason
+
+
+def test_check_names_the_choice_for_this_machine(tmp_path, tiny_model):
+    """`dtrain check` prints what a run of the config would take here: sdpa on this CPU machine (~10 s)."""
+    from tests.helpers import run_dtrain, write_config
+
+    config = write_config(tmp_path / "cfg.yaml", tiny_model)
+    out = run_dtrain("check", str(config)).stdout
+    expected = "sdpa (flash-attn kernels need CUDA; this is cpu)" if not torch.cuda.is_available() else ""
+    assert f"  attention    {expected}" in out, out

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dtrain.attention import attention_for
 from dtrain.tables import torch_dtype
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ def load_pretrained(cfg: Config, ds_config: dict[str, Any], **kwargs: Any) -> tu
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.path,
         dtype=torch_dtype(cfg.train.precision),
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=attention_for(cfg).implementation,
         **kwargs,
     )
     if cfg.model.gradient_checkpointing:
