@@ -100,12 +100,7 @@ BAD: list[tuple[str, object, str, Callable | None]] = [
     ("lora.bias", "some", "lora.bias: must be one of", lora),
     ("quantization.compute_dtype", "int8", "quantization.compute_dtype: must be one of", None),
     ("quantization.quant_type", "int4", "quantization.quant_type: must be one of", None),
-    (
-        "deepspeed.offload_param.device",
-        "cpu",
-        "a 4-bit base cannot be offloaded",
-        lambda r: put(r, "strategy", "qlora"),
-    ),
+    ("deepspeed.offload_param.device", "cpu", "a 4-bit base cannot be offloaded", lambda r: put(r, "strategy", "qlora")),
     ("deepspeed.stage", 0, "optimizer offload needs deepspeed.stage >= 1", None),
     ("deepspeed.offload_param.nvme_path", "/nvme", "only used with device nvme", None),
     ("deepspeed.reduce_bucket_size", 0, "deepspeed.reduce_bucket_size: must be >= 1", None),
@@ -380,9 +375,7 @@ def test_export_refuses_a_checkpoint_that_would_run_code(misuse, capsys):
     checkpoint = Path(misuse["lora"]) / "checkpoints" / checkpoint_name(2)
     marker = misuse["tmp"] / "code-ran"
     (checkpoint / "ds").mkdir()
-    torch.save(
-        {"module": {}, "buffer_names": [], "evil": _Payload(marker)}, checkpoint / "ds" / "mp_rank_00_model_states.pt"
-    )
+    torch.save({"module": {}, "buffer_names": [], "evil": _Payload(marker)}, checkpoint / "ds" / "mp_rank_00_model_states.pt")
     assert main(["export", misuse["lora"], "--adapter", str(misuse["tmp"] / "out")]) == 2
     err = capsys.readouterr().err
     assert "refusing to load" in err and "could run code" in err

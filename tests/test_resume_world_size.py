@@ -33,7 +33,8 @@ def test_resume_on_other_world_size_matches_uninterrupted_run(
     assert "universal checkpoint converted once at start" in check
     refused = run_dtrain("check", str(config), *FULL_OVERRIDES, "--nproc", "3", check=False)
     assert (
-        refused.returncode == 2 and "global batch 8 is not a multiple of train.micro_batch_size 2 x 3" in refused.stderr
+        refused.returncode == 2
+        and "global batch 8 is not a multiple of train.micro_batch_size 2 x 3" in refused.stderr
     )
 
     out = run_dtrain("train", str(config), *FULL_OVERRIDES, "--nproc", str(resumed_on))
