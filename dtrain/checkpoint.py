@@ -1,9 +1,10 @@
 """Sharded, atomic checkpoints: writing, restoring, pruning (the layout is in dtrain.checkpoint_layout).
 
-All ranks write into `<dir>/.tmp-step-00000040/` and each syncs the files it wrote to disk (on a network file
-system only the writer's node can); once every rank is done, rank 0 writes trainer_state.json, syncs it and the
-folders, and renames the folder to its final name. A rename within one filesystem is atomic, so a folder
-named `step-*` is always complete, and a crash at any moment leaves either the old set of checkpoints or the new one.
+All ranks write into `<dir>/.tmp-step-00000040/`, each one syncing every file it wrote to disk right after writing
+it (in parallel, and on the node whose cache holds the data: on a shared file system only the writer's fsync makes
+its data durable). Once every rank is done, rank 0 writes trainer_state.json, syncs it and the folders, and renames
+the folder to its final name. A rename within one filesystem is atomic, so a folder named `step-*` is always
+complete, and a crash at any moment leaves either the old set of checkpoints or the new one.
 Resume `auto` picks the newest `step-*` folder that holds trainer_state.json and never looks at `.tmp-*` ones.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import threading
 from dataclasses import asdict
@@ -62,16 +62,14 @@ class Checkpointer:
         self.directory.mkdir(parents=True, exist_ok=True)  # on every rank: each one checks its free space
         if self.rank == 0:
             self._clear_partial()
-        self._check_space(engine, final.name)
+        self._check_space(engine, final.name)  # a collective: rank 0 has cleared leftovers when it returns
         try:
-            if self.rank == 0:
-                tmp.mkdir()
-            dist.barrier()
-            # Every rank writes its own partition: optimizer state is sharded across ranks.
-            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False, **self.save_options)
             save_rng_state(tmp / "rng" / f"rank-{self.rank:05d}.safetensors")
-            _fsync_files(_written_by(tmp, self.rank))
-            dist.barrier()
+            # Every rank writes its own partition: optimizer state is sharded across ranks. DeepSpeed returns from
+            # its closing barrier, when every rank's files are written (and synced, see _SyncingCheckpointEngine).
+            if not isinstance(engine.checkpoint_engine, _SyncingCheckpointEngine):
+                engine.checkpoint_engine = _SyncingCheckpointEngine(engine.checkpoint_engine)
+            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False, **self.save_options)
             if self.rank == 0:
                 self._publish(tmp, final, progress)
         except OSError as e:
@@ -81,12 +79,11 @@ class Checkpointer:
 
     def _publish(self, tmp: Path, final: Path, progress: Progress) -> None:
         """Rank 0, once every rank's shards are written: metadata last, sync, then the atomic rename."""
-        (tmp / "config.yaml").write_text(dump_yaml(self.cfg))
         # format 2: RNG states in safetensors; fingerprints of the model, tokenizer and data (dtrain.resume_changes).
         state = {"progress": asdict(progress), "format": 2, "fingerprints": run_fingerprints(self.cfg)}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        _fsync_files([tmp / "config.yaml", tmp / STATE_FILE])
-        for folder, _, _ in os.walk(tmp):  # the entries of every rank's files
+        _durable_write(tmp / "config.yaml", dump_yaml(self.cfg).encode())
+        _durable_write(tmp / STATE_FILE, json.dumps(state, indent=2).encode())
+        for folder, _, _ in os.walk(tmp):  # the entries of every file written (the files themselves are synced)
             _fsync_dir(Path(folder))
         if final.exists():  # an incomplete folder of that name (not ours: ours appear only whole) is replaced
             shutil.rmtree(final)
@@ -101,7 +98,7 @@ class Checkpointer:
         internal barrier until the collective timeout; checking first turns that into an immediate, clear error."""
         previous = complete_checkpoints(self.directory)
         # Consecutive checkpoints of a run have the same size; before the first one, estimate from the model.
-        needed = _tree_bytes(previous[-1]) if previous else _estimated_bytes(engine.module, self.save_options)
+        needed = tree_bytes(previous[-1]) if previous else _estimated_bytes(engine.module, self.save_options)
         free = shutil.disk_usage(self.directory).free
         short = torch.tensor([float(free < needed * 1.1)], device=self.device)
         dist.all_reduce(short, op=dist.ReduceOp.MAX)
@@ -163,26 +160,7 @@ def _delete(folders: list[Path]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# DeepSpeed names the shards of a rank `*zero_pp_rank_<data-parallel rank>_*`; ours: `rng/rank-<rank>.safetensors`.
-_OWNER = re.compile(r"(?:^|_)pp_rank_(\d+)_|^rank-(\d+)\.safetensors$")
-
-
-def _written_by(checkpoint: Path, rank: int) -> list[Path]:
-    """The files of a checkpoint being written that `rank` wrote; a file named for no rank (stage 0-2 model states)
-    is rank 0's. Other ranks' temporary files (`*.partial`, safetensors' `.tmpXXXX`) come and go meanwhile: they are
-    nobody's."""
-    mine = []
-    for folder, _, files in os.walk(checkpoint):
-        for name in files:
-            if name.startswith(".") or name.endswith(".partial"):
-                continue
-            match = _OWNER.search(name)
-            if (int(match.group(1) or match.group(2)) if match else 0) == rank:
-                mine.append(Path(folder, name))
-    return mine
-
-
-def _tree_bytes(root: Path) -> int:
+def tree_bytes(root: Path) -> int:
     """Bytes of a checkpoint's own files (a cached universal conversion is not written by a save)."""
     return sum(
         os.path.getsize(os.path.join(folder, name))
@@ -225,6 +203,7 @@ def save_rng_state(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     save_file(tensors, str(tmp), metadata=metadata)
+    _fsync_file(tmp)
     os.replace(tmp, path)
 
 
@@ -243,13 +222,33 @@ def load_rng_state(path: Path) -> None:
         torch.cuda.set_rng_state(tensors["cuda"])
 
 
-def _fsync_files(paths: list[Path]) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+class _SyncingCheckpointEngine:
+    """DeepSpeed's checkpoint engine, with each file synced to disk by the rank that wrote it, as soon as written."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self._inner.save(state_dict, path)
+        _fsync_file(path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _durable_write(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

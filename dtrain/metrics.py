@@ -1,9 +1,10 @@
-"""Rank-0 reporting: a metrics.jsonl line per logged step, the reporters of logging.report_to (dtrain.reporters:
-TensorBoard, W&B, MLflow), and a tqdm progress bar."""
+"""Rank-0 reporting: a metrics.jsonl line per logged step (with its wall-clock time, so step rates can be measured
+from outside), the reporters of logging.report_to (dtrain.reporters: TensorBoard, W&B, MLflow), and a tqdm bar."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from dtrain.config import Config
@@ -29,7 +30,7 @@ class MetricsLogger:
     def log(self, step: int, scalars: dict[str, float], prefix: str = "train", force: bool = False) -> None:
         if not self.enabled or not (force or step % self.every == 0):
             return
-        record = {"step": step, **{f"{prefix}/{k}": v for k, v in scalars.items()}}
+        record = {"step": step, "time": time.time(), **{f"{prefix}/{k}": v for k, v in scalars.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         for reporter in self.reporters:

@@ -1,8 +1,8 @@
 """Preemption and time-limit warnings: a signal sets a flag; all ranks agree on it at a step boundary.
 
-No collective ever runs inside a signal handler: the handler only records the signal. The trainer calls
-`stop_requested()` once per step, which all-reduces the flag so every rank stops (and saves) at the same step,
-even though the scheduler signalled only some of them.
+No collective ever runs inside a signal handler: the handler only records the signal. Once per step the trainer
+all-reduces every rank's `votes()` (in the same collective as the step's loss) and calls `agree()`, so every rank
+stops (and saves) at the same step, even though the scheduler signalled only some of them.
 
 The two signals mean different things to a launcher: SIGUSR2 is the scheduler's warning before a time limit or a
 preemption ("save, then requeue me"); SIGTERM alone is the end (scancel, or a preemption that Slurm requeues by
@@ -41,14 +41,24 @@ class StopFlag:
         if _priority(signum) > _priority(self.received):
             self.received = signum
 
-    def stop_requested(self) -> bool:
+    def votes(self) -> torch.Tensor:
+        """This rank's vote, one count per stop signal (highest priority first), to be SUM-all-reduced together with
+        the step's other values: one collective and one host sync per step carry the loss and the stop flag."""
+        return torch.tensor([float(self.received == sig) for sig in STOP_SIGNALS], device=self.device)
+
+    def agree(self, summed_votes: list[float]) -> bool:
+        """Whether to stop, from the votes summed over all ranks: the highest-priority signal any rank got wins."""
         global _stopped_by
-        flag = torch.tensor([float(_priority(self.received))], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        agreed = int(flag.item())
-        if agreed:
-            _stopped_by = signal.Signals(STOP_SIGNALS[len(STOP_SIGNALS) - agreed])
-        return agreed > 0
+        signals = [sig for sig, count in zip(STOP_SIGNALS, summed_votes, strict=True) if count > 0]
+        if signals:
+            _stopped_by = signals[0]
+        return bool(signals)
+
+    def stop_requested(self) -> bool:
+        """agree() over a collective of its own, for callers outside the training step."""
+        votes = self.votes()
+        dist.all_reduce(votes)
+        return self.agree(votes.tolist())
 
 
 def stopped_by() -> signal.Signals | None:

@@ -3,8 +3,9 @@
 A checkpoint folder may come from someone else. `torch.load(weights_only=False)` unpickles arbitrary objects, so a
 crafted file runs code on the machine that reads it. Everything dtrain reads outside DeepSpeed's own resume (export,
 plan, check, status) goes through here: torch's weights-only unpickler, allowing the three plain DeepSpeed types
-its ZeRO files hold (the stage enum, the loss scaler, ZeRO-1/2's fragment addresses). DeepSpeed's `load_checkpoint` (resume) unpickles with `weights_only=False` inside DeepSpeed: resuming
-trusts the checkpoint folder, as any DeepSpeed user does; export never does.
+its ZeRO files hold (the stage enum, the loss scaler, ZeRO-1/2's fragment addresses). DeepSpeed's `load_checkpoint`
+(resume) unpickles with `weights_only=False` inside DeepSpeed: resuming trusts the checkpoint folder, as any
+DeepSpeed user does; export never does.
 """
 
 from __future__ import annotations

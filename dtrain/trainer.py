@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from dtrain import strategies
-from dtrain.checkpoint import Checkpointer
+from dtrain.attention import attention_for
+from dtrain.checkpoint import Checkpointer, tree_bytes
 from dtrain.checkpoint_layout import ENGINE_TAG, UNIVERSAL_TAG, Progress
 from dtrain.config import Config
-from dtrain.data import PreparedData, collate, prepare_data
+from dtrain.data import PreparedData, collate, prefetched, prepare_data
 from dtrain.dist import DistEnv, decided_by_main
 from dtrain.ds_config import build_deepspeed_config
+from dtrain.loss import install_chunked_loss
 from dtrain.metrics import MetricsLogger
 from dtrain.optim import build_optimizer
 from dtrain.order import DataOrder, rank_micro_batches
@@ -24,6 +29,16 @@ from dtrain.preemption import StopFlag
 from dtrain.reshard import ensure_universal, unshare_step_counters
 from dtrain.resume import plan_resume
 from dtrain.schedule import lr_factor
+from dtrain.startup import StartupClock
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    grad_norm: float
+    stop: bool
+    """All ranks agreed to stop after this step (a preemption or time-limit signal reached one of them)."""
 
 
 @dataclass
@@ -34,14 +49,17 @@ class FitResult:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
+        self.startup = StartupClock()
         import deepspeed
 
+        self.startup.mark("imports")
         self.cfg, self.env = cfg, env
         # Rank 0 picks the checkpoint for all: another node may not see the newest one yet.
         self.resume = decided_by_main(lambda: plan_resume(cfg, env.world_size))
         self.layout = self.resume.layout
         self.tokenizer = cfg.model.load_tokenizer()
         self.data: PreparedData = prepare_data(cfg, self.tokenizer, rank=env.rank, world_size=env.world_size)
+        self.startup.mark("data load")
         lengths = self.data.train.lengths if cfg.data.group_by_length else None
         self.order = DataOrder(len(self.data.train), self.layout.global_batch_size, cfg.train.seed, lengths)
         if self.order.steps_per_epoch == 0:
@@ -56,6 +74,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         strategy = strategies.get(cfg.strategy)
         built = strategy.build(cfg, env, ds_config)
+        self.startup.mark("model load")
         self._keepalive = built.keepalive
         optimizer = build_optimizer(cfg.train, built.module)
         self.engine, *_ = deepspeed.initialize(
@@ -65,6 +84,9 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.train, self.total_steps)),
             config=ds_config,
         )
+        self.startup.mark("deepspeed.initialize")
+        self.loss_chunks = install_chunked_loss(self.engine.module, self.layout.micro_batch_size * cfg.data.seq_len)
+        self.collator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
         self.checkpointer = Checkpointer(cfg, env.rank, env.device, strategy.checkpoint)
         self.stop_flag = StopFlag(env.device)
 
@@ -72,48 +94,66 @@ class Trainer:
 
     def fit(self) -> FitResult:
         progress = self._start()
+        if self.resume.checkpoint is not None:
+            self.startup.mark("resume")
         log = MetricsLogger(self.cfg, self.env.is_main, progress.step, self.total_steps)
-        stopping = False
+        first_step, stopping = progress.step + 1, False
         while progress.step < self.total_steps and not stopping:
             started = time.perf_counter()
-            loss, tokens = self.train_step(progress.samples_seen)
+            result = self.train_step(progress.samples_seen)
             progress.step += 1
             progress.samples_seen += self.layout.global_batch_size
-            progress.tokens_seen += tokens
+            progress.tokens_seen += result.tokens
             elapsed = time.perf_counter() - started
-            log.log(progress.step, self._scalars(loss, tokens, elapsed))
+            log.log(progress.step, self._scalars(result, elapsed))
             log.advance()
+            if progress.step == first_step:
+                self.startup.mark("first step")
+                log.message(self.startup.line())
+                log.message(attention_for(self.cfg).line())
+                log.log(progress.step, self.startup.phases, prefix="startup", force=True)
             if self._should_eval(progress.step):
                 log.log(progress.step, {"loss": self.evaluate()}, prefix="eval", force=True)
-            stopping = self.stop_flag.stop_requested()
+            stopping = result.stop
             finished = progress.step >= self.total_steps
             if self.checkpointer.should_save(progress.step, finished, stopping):
+                save_started = time.perf_counter()
                 saved = self.checkpointer.save(self.engine, progress)
+                log.log(
+                    progress.step, self._save_scalars(saved, time.perf_counter() - save_started), "checkpoint", True
+                )
                 log.message(f"saved {saved}")
         log.close()
+        self.collator.shutdown()
         return FitResult(progress, preempted=stopping and progress.step < self.total_steps)
 
-    def train_step(self, samples_seen: int) -> tuple[float, int]:
-        """One optimizer step over the global batch starting at `samples_seen`. Returns (mean loss, tokens)."""
+    def train_step(self, samples_seen: int) -> StepResult:
+        """One optimizer step over the global batch starting at `samples_seen`."""
         step_samples = self.order.step_samples(samples_seen)
         # Loss = sum over the global batch's label tokens / their count, whatever the split among ranks and micro
         # batches: every rank knows every sample, so the global count needs no communication. DeepSpeed divides
         # by accumulation steps and averages over ranks; `num_items_in_batch` undoes both.
         label_tokens = sum(self.data.train.num_label_tokens(i) for i in step_samples)
         scale = label_tokens / (self.layout.gradient_accumulation_steps * self.layout.world_size)
+        num_items = torch.tensor(scale, device=self.env.device)
         loss_sum = torch.zeros((), device=self.env.device)
         micro_batches = rank_micro_batches(
             step_samples, self.env.rank, self.layout.world_size, self.layout.micro_batch_size
         )
-        for indices in micro_batches:
-            batch = self._batch(self.data.train, indices)
-            loss = self.engine(**batch, num_items_in_batch=torch.tensor(scale, device=self.env.device)).loss
+        collate_train = functools.partial(self._host_batch, self.data.train)
+        for host_batch in prefetched(collate_train, micro_batches, self.collator):
+            loss = self.engine(**self._to_device(host_batch), num_items_in_batch=num_items).loss
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().float() * scale
-        dist.all_reduce(loss_sum)
+        # The step's one collective and one host sync: the loss sum and every rank's stop vote travel together.
+        reduced = torch.cat([loss_sum.reshape(1), self.stop_flag.votes()])
+        dist.all_reduce(reduced)
+        grad_norm = self.engine.get_global_grad_norm()  # the same on every rank: not reduced
+        grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, device=self.env.device)
+        loss_total, *votes, norm = torch.cat([reduced, grad_norm.reshape(1).float()]).tolist()
         tokens = int(sum(self.data.train.lengths[i] for i in step_samples))
-        return loss_sum.item() / max(1, label_tokens), tokens
+        return StepResult(loss_total / max(1, label_tokens), tokens, norm, self.stop_flag.agree(votes))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -127,7 +167,7 @@ class Trainer:
         totals = torch.zeros(2, device=self.env.device)
         for m in range(rounds):
             start = (m * world + self.env.rank) * micro
-            batch = self._batch(self.data.eval, list(range(start, start + micro)))
+            batch = self._to_device(self._host_batch(self.data.eval, list(range(start, start + micro))))
             one = torch.tensor(1.0, device=self.env.device)
             totals[0] += self.engine(**batch, num_items_in_batch=one).loss.float()
             totals[1] += (batch["labels"][:, 1:] != -100).sum()
@@ -158,22 +198,33 @@ class Trainer:
         progress.world_size = self.env.world_size
         return progress
 
-    def _batch(self, samples: Any, indices: list[int]) -> dict[str, torch.Tensor]:
+    def _host_batch(self, samples: Any, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Collated on the host; in pinned memory when it goes to a GPU, so the copy can run asynchronously."""
         rows = [samples[i] for i in indices]
         batch = collate(rows, self.tokenizer.pad_token_id, self.cfg.data.seq_len, self.cfg.data.packing)
+        if self.env.device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        non_blocking = self.env.device.type == "cuda"
         # No KV cache in training: with one, transformers ignores packed position_ids and documents attend to
         # each other.
-        return {**{k: v.to(self.env.device) for k, v in batch.items()}, "use_cache": False}
+        return {**{k: v.to(self.env.device, non_blocking=non_blocking) for k, v in batch.items()}, "use_cache": False}
 
-    def _scalars(self, loss: float, tokens: int, elapsed: float) -> dict[str, float]:
-        grad_norm = self.engine.get_global_grad_norm()
+    def _scalars(self, result: StepResult, elapsed: float) -> dict[str, float]:
         return {
-            "loss": loss,
+            "loss": result.loss,
             "lr": self.engine.get_lr()[0],
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "tokens_per_s": tokens / elapsed,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": result.tokens / elapsed,
             "step_time": elapsed,
         }
+
+    def _save_scalars(self, saved: Path, seconds: float) -> dict[str, float]:
+        """Seconds of the save (all ranks written, synced, renamed) and the bytes it wrote; rank 0 only (it logs)."""
+        written = tree_bytes(saved) if self.env.is_main else 0
+        return {"save_seconds": seconds, "bytes": written, "bytes_per_s": written / seconds}
 
     def _should_eval(self, step: int) -> bool:
         if self.data.eval is None or len(self.data.eval) == 0:

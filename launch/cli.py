@@ -95,6 +95,7 @@ def _preflight(args: argparse.Namespace, nproc_per_node: int = 1) -> Preflight:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from dtrain.attention import attention_for
     from dtrain.ds_config import build_deepspeed_config
 
     hardware = _hardware(args)
@@ -118,6 +119,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"               changed since the checkpoint: {change}")
     print(f"  logging      {', '.join(cfg.logging.report_to) or 'metrics.jsonl only'}; export on finish: "
           f"{cfg.export.on_finish}")  # fmt: skip
+    print(f"  attention    {attention_for(cfg).line().removeprefix('attention: ')} on this machine")
     print(f"  memory       {fit[0] if fit else 'not checked (give --gpus-per-node --gpu-mem --cpu-mem)'}")
     for line in fit[1:]:
         print(f"               {line}")

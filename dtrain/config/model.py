@@ -24,8 +24,10 @@ class ModelConfig:
     """Run the Python code a model repo ships (families transformers does not have). Only for repos you trust."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less activation memory, ~30 % more compute."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers. flash_attention_2 needs CUDA and the flash-attn package."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel passed to transformers. auto: flash_attention_2 where it runs (CUDA, the flash-attn package,
+    fp16/bf16; packed rows need no mask then), else sdpa (dtrain.attention). flash_attention_2 needs CUDA and the
+    flash-attn package."""
 
     def problems(self, check_paths: bool) -> list[str]:
         """Local paths only: a repo id is resolved by dtrain.preflight (it may download)."""

@@ -18,7 +18,7 @@ Call the model with use_cache=False: with a KV cache transformers skips the pack
 documents attend to each other.
 """
 
-from dtrain.data.collate import collate
+from dtrain.data.collate import collate, prefetched
 from dtrain.data.errors import DataError, RowError
 from dtrain.data.formats import IGNORE
 from dtrain.data.grouping import group_by_length
@@ -38,5 +38,6 @@ __all__ = [
     "collate",
     "group_by_length",
     "prepare_command",
+    "prefetched",
     "prepare_data",
 ]

@@ -12,6 +12,10 @@ Without packing, rows are padded to the longest row of the batch and an attentio
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
+from typing import TypeVar
+
 import torch
 
 from dtrain.data.formats import IGNORE
@@ -44,3 +48,18 @@ def collate(
     if not packing:
         batch["attention_mask"] = attention_mask
     return batch
+
+
+Item, Made = TypeVar("Item"), TypeVar("Made")
+
+
+def prefetched(make: Callable[[Item], Made], items: Sequence[Item], executor: Executor) -> Iterator[Made]:
+    """make(item) for each item in order, the next one being made on `executor` while the caller uses the current
+    one: the host collates micro batch k + 1 while the accelerator runs micro batch k."""
+    if not items:
+        return
+    pending = executor.submit(make, items[0])
+    for item in items[1:]:
+        current, pending = pending.result(), executor.submit(make, item)
+        yield current
+    yield pending.result()

@@ -124,7 +124,8 @@ def estimate(shape: ModelShape, cfg: Config, choice: Choice, hw: Hardware) -> Es
         cfg.data.seq_len,
         cfg.train.micro_batch_size,
         choice.checkpointing,
-        cfg.model.attn_implementation,
+        # auto's flash_attention_2 keeps less than sdpa (no mask, grouped K/V): plan counts sdpa, an upper bound
+        "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation,
         dtype_bytes(terms.compute_dtype),
         terms.adapters,
         cfg.lora.r,

@@ -5,6 +5,7 @@ GPU, per node's CPU RAM and per node's NVMe. Model states equal DeepSpeed's own 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from dtrain.plan.shape import DECODER_LINEARS, ModelShape, ParamCounts
@@ -157,6 +158,7 @@ def activation_bytes(
     dtype_bytes: int = 2,
     adapters: dict[str, tuple[int, int, int]] | None = None,
     lora_r: int = 0,
+    chunked_loss: bool = True,
 ) -> int:
     """Peak bytes of activations kept for the backward pass on one GPU.
 
@@ -175,10 +177,8 @@ def activation_bytes(
     - SwiGLU MLP: 4·a·i (gate, SiLU(gate), up, their product = down_proj's input);
     - each LoRA-adapted projection: 4·in + 4·r (peft keeps adapters in fp32 and casts the input for them).
     Outside the layers: the final norm, RoPE cos/sin (2·a·head_dim), for sdpa/eager an (s x s) mask per sequence,
-    and the loss. The loss is the peak: transformers upcasts the logits to fp32 for cross-entropy, so forward holds
-    the a·V logits, their fp32 copy and the fp32 log-softmax (a + 8)·V, and backward (dtrain keeps only the loss, so
-    the logits are freed by then) the log-softmax output, its gradient and the logits' fp32 gradient, 12·V —
-    1.5 MB per token for Llama-3's 128k vocabulary, often more than all the layers.
+    and the loss, `plain_loss_bytes` per token — 1.5 MB for Llama-3's 128k vocabulary, often more than all the
+    layers. dtrain computes it chunked where that needs less (dtrain.loss; `chunked_loss`): `chunked_loss_bytes`.
     With gradient checkpointing each layer keeps only its input (a·h); one layer is recomputed at a time, never
     while the loss peak is alive, so the peak takes the larger of the two.
     With a frozen base (LoRA/QLoRA: `adapters` given) autograd keeps no input that only a weight gradient needs: the
@@ -189,12 +189,44 @@ def activation_bytes(
     layer += sum(
         4 * fan_in + 4 * lora_r for name, (fan_in, _, _) in (adapters or {}).items() if name in DECODER_LINEARS
     )
-    loss = max(a + 8, 12) * shape.vocab_size
+    tokens = micro_batch * seq_len
+    frozen_base = adapters is not None
+    # LoRA/QLoRA: plan counts the head frozen (lora.modules_to_save: [lm_head] would train it)
+    chunks = loss_chunks(shape, a, tokens, frozen_base, head_trained=not frozen_base) if chunked_loss else 1
+    loss = chunked_loss_bytes(shape, a, tokens, chunks, head_trained=not frozen_base)
     kept = shape.num_layers * (a * h if checkpointing else layer)
-    transient = max(loss, layer) if checkpointing else loss
+    transient = max(loss, layer * tokens) if checkpointing else loss
     mask = {"sdpa": 1, "eager": a}.get(attn_implementation, 0) * seq_len
     other = (4 + 2 * a) * h + 4 + 2 * a * shape.head_dim + 16 + mask  # final norm, RoPE, input ids + labels, mask
-    return int(micro_batch * seq_len * (kept + transient + other))
+    return int(tokens * (kept + other) + transient)
+
+
+def plain_loss_bytes(vocab_size: int, dtype_bytes: int) -> int:
+    """Bytes per token of transformers' loss at its peak: it upcasts the logits to fp32 for cross-entropy, so
+    forward holds the a·V logits, their fp32 copy and the fp32 log-softmax, (a + 8)·V; backward (dtrain keeps only
+    the loss, so the logits are freed by then) the log-softmax output, its gradient and the logits' fp32 gradient,
+    12·V."""
+    return max(dtype_bytes + 8, 12) * vocab_size
+
+
+def chunked_loss_bytes(shape: ModelShape, dtype_bytes: int, tokens: int, chunks: int, head_trained: bool) -> int:
+    """Peak bytes of the loss of `tokens` computed in `chunks` slices (dtrain.loss; 1: the plain loss): one slice's
+    `plain_loss_bytes` at a time, plus — when the LM head is trained and there are several slices — two head-sized
+    gradients, as autograd sums the slices' lm_head gradients (the running sum and the next slice's)."""
+    head_gradients = 2 * shape.vocab_size * shape.hidden_size * dtype_bytes if head_trained and chunks > 1 else 0
+    return plain_loss_bytes(shape.vocab_size, dtype_bytes) * math.ceil(tokens / chunks) + head_gradients
+
+
+def loss_chunks(shape: ModelShape, dtype_bytes: int, tokens: int, frozen_base: bool, head_trained: bool) -> int:
+    """Slices of dtrain's chunked cross-entropy for micro batches of `tokens` (dtrain.loss): the fewest that make one
+    slice's loss no larger than what one decoder layer keeps for backward (per token) — then the loss is never the
+    activation peak (with checkpointing the peak is one layer's recomputation, without it all layers together) and
+    more slices would only add calls of the LM head. sdpa's layer is the measure (eager keeps more), erring towards
+    more slices. 1 (the plain loss) where chunking would not need less memory: few tokens and a trained head."""
+    layer = _layer_activation_bytes(shape, "sdpa", dtype_bytes, seq_len=0, frozen_base=frozen_base)
+    chunks = math.ceil(plain_loss_bytes(shape.vocab_size, dtype_bytes) / layer)
+    plain = chunked_loss_bytes(shape, dtype_bytes, tokens, 1, head_trained)
+    return chunks if chunks > 1 and chunked_loss_bytes(shape, dtype_bytes, tokens, chunks, head_trained) < plain else 1
 
 
 def _layer_activation_bytes(

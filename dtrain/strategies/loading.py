@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dtrain.attention import attention_for
 from dtrain.tables import torch_dtype
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ def load_pretrained(cfg: Config, ds_config: dict[str, Any], **kwargs: Any) -> tu
         cfg.model.local_dir(),
         trust_remote_code=cfg.model.trust_remote_code,
         dtype=torch_dtype(cfg.train.precision),
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=attention_for(cfg).implementation,
         **kwargs,
     )
     if cfg.model.gradient_checkpointing:
