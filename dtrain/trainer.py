@@ -53,7 +53,7 @@ class Trainer:
         self.universal = saved is not None and needs_universal(saved, env.world_size, cfg.deepspeed.stage)
         if self.universal:
             ensure_universal(self.resume_from, env.rank, timeout_s=cfg.deepspeed.timeout_minutes * 60)
-        ds_config = build_deepspeed_config(cfg, self.layout, load_universal=self.universal)
+        ds_config = build_deepspeed_config(cfg, self.layout, self.universal, env.device.type)
         torch.manual_seed(cfg.train.seed)
         built = strategy_for(cfg)(cfg, env, ds_config)
         self._keepalive = built.keepalive
