@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_case(case: Case, model_dir: Path):
     """(validated config, ModelShape) with the case's model shape written to `model_dir`/config.json."""
     from dtrain.config import load_config
-    from dtrain.plan import ModelShape
+    from dtrain.plan.shape import ModelShape
 
     shape = case.shape or json.loads((REPO / load_config(REPO / case.config, check_paths=False).model.path /
                                       "config.json").read_text())  # fmt: skip
@@ -106,7 +106,8 @@ def meta_model(model_dir: Path):
 
 def planned_gpu_bytes(cfg, shape, gpu_mem_bytes: int, cpu_mem_bytes: int) -> float:
     """`dtrain plan`'s per-GPU total for this config on one GPU."""
-    from dtrain.plan import Choice, Hardware, estimate
+    from dtrain.plan.choices import Choice, estimate
+    from dtrain.plan.hardware import Hardware
 
     hw = Hardware(1, 1, gpu_mem_bytes, cpu_mem_bytes)
     return estimate(shape, cfg, Choice.from_config(cfg), hw).memory.gpu.total
@@ -142,7 +143,7 @@ def _quantize_linears(model, cfg, device):
     import bitsandbytes as bnb
     import torch
 
-    from dtrain.plan import DECODER_LINEARS
+    from dtrain.plan.shape import DECODER_LINEARS
 
     q = cfg.quantization
     for layer in model.model.layers:
@@ -178,7 +179,7 @@ def run_case(case: Case, work: Path, args) -> dict:
     if cfg.strategy != "full":
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        from dtrain.adapters import peft_config
+        from dtrain.strategies.peft_adapters import peft_config
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip

@@ -54,10 +54,11 @@ def write_adapter(path: Path, model_dir: Path, r: int) -> None:
 
 def merge_in_this_process(model_dir: Path, adapter: Path, out: Path) -> dict:
     from dtrain.export import write_sharded
-    from dtrain.merge import Merger, base_dtype, merge_to
+    from dtrain.export import export_dtype
+    from dtrain.merge import Merger, merge_to
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    merger = Merger(model_dir, torch.load(adapter), 2.0, base_dtype(model_dir))
+    merger = Merger(model_dir, torch.load(adapter), 2.0, export_dtype("auto", str(model_dir)))
     out.mkdir()
     files = merge_to(merger, out, 100_000_000, write_sharded)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

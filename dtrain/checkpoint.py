@@ -1,10 +1,4 @@
-"""Sharded, atomic checkpoints.
-
-Layout of one checkpoint (`<dir>/step-00000040/`):
-    ds/                     DeepSpeed shards: every rank writes its own model/optimizer partition
-    rng/rank-00000.pt ...   RNG states of every rank (dropout draws from them)
-    config.yaml             the resolved config of the run
-    trainer_state.json      step, data position, tokens seen, batch layout; written LAST
+"""Sharded, atomic checkpoints: writing, restoring, pruning (the layout is in dtrain.checkpoint_layout).
 
 All ranks write into `<dir>/.tmp-step-00000040/`; once every rank is done, rank 0 writes trainer_state.json, syncs
 the files to disk and renames the folder to its final name. A rename within one filesystem is atomic, so a folder
@@ -17,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,58 +20,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dtrain.checkpoint_layout import (
+    ENGINE_TAG,
+    STATE_FILE,
+    Progress,
+    checkpoint_name,
+    complete_checkpoints,
+    read_progress,
+)
 from dtrain.config import Config, dump_yaml
-
-STATE_FILE = "trainer_state.json"
-ENGINE_TAG = "ds"
-_NAME = re.compile(r"^step-(\d{8})$")
-
-
-@dataclass
-class Progress:
-    """Where a run stands; the data position is a global sample count, valid on any number of ranks."""
-
-    step: int = 0
-    samples_seen: int = 0
-    tokens_seen: int = 0
-    global_batch_size: int = 0
-    world_size: int = 0
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def read_progress(checkpoint: Path) -> Progress:
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    return Progress(**state["progress"])
-
-
-def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint this run starts from, per checkpoint.resume; raises if `never` would overwrite a run."""
-    directory, mode = cfg.checkpoint_dir, cfg.checkpoint.resume
-    if mode == "auto":
-        found = complete_checkpoints(directory)
-        return found[-1] if found else None
-    if mode == "never":
-        if complete_checkpoints(directory):
-            raise FileExistsError(
-                f"checkpoint.resume is 'never' but {directory} already holds checkpoints; "
-                "use a new output_dir or resume: auto"
-            )
-        return None
-    path = Path(mode)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
-    return path
+from dtrain.strategies.protocol import CheckpointOptions
 
 
 class CheckpointError(RuntimeError):
@@ -88,15 +39,13 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """Decides when to save, writes checkpoints atomically, restores them, prunes old ones."""
 
-    def __init__(
-        self, cfg: Config, rank: int, device: torch.device, save_options: dict[str, Any], load_options: dict[str, Any]
-    ):
+    def __init__(self, cfg: Config, rank: int, device: torch.device, options: CheckpointOptions):
         self.cfg = cfg
         self.rank = rank
         self.device = device
         self.directory = cfg.checkpoint_dir
-        self.save_options = save_options
-        self.load_options = load_options
+        self.save_options = options.save
+        self.load_options = options.load
 
     def should_save(self, step: int, finished: bool, stopping: bool) -> bool:
         return finished or stopping or step % self.cfg.checkpoint.every_steps == 0

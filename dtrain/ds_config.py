@@ -21,6 +21,7 @@ import torch
 
 from dtrain.config import Config, OffloadConfig
 from dtrain.layout import BatchLayout
+from dtrain.tables import OPTIMIZERS
 
 # DeepSpeed's aio defaults (runtime/swap_tensor/constants.py), written out so the generated config shows them.
 AIO = {"block_size": 1_048_576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
@@ -64,7 +65,7 @@ def build_deepspeed_config(
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if "nvme" in (cfg.deepspeed.offload_optimizer.device, cfg.deepspeed.offload_param.device):
         config["aio"] = dict(AIO)
-    if cfg.train.optimizer == "adamw_deepspeed":
+    if OPTIMIZERS[cfg.train.optimizer].library == "deepspeed":
         # DeepSpeed picks its CPU Adam under optimizer offload and its fused Adam otherwise.
         config["optimizer"] = {
             "type": "AdamW",
@@ -99,13 +100,12 @@ def param_swap_buffer_elements(largest_param: int, world_size: int) -> int:
 
 
 def largest_parameter(model_path: str) -> int:
-    """Elements of the model's largest single parameter, from its config.json (the embedding for every decoder
-    dtrain supports; a linear if the vocabulary is unusually small)."""
-    from dtrain.plan import DECODER_LINEARS, load_model_shape
+    """Elements of the most parameters one module owns (DeepSpeed's largest_layer_params), from config.json: the
+    embedding for every decoder dtrain supports. It bounds the largest single parameter; `dtrain plan` sizes the
+    swap buffers from the same number."""
+    from dtrain.plan.shape import load_model_shape
 
-    shape = load_model_shape(model_path)
-    dims = shape.linear_dims()
-    return max(shape.embedding_params, *(dims[n][0] * dims[n][1] for n in DECODER_LINEARS))
+    return load_model_shape(model_path).largest_layer_params
 
 
 def _zero_section(cfg: Config, world_size: int, accelerator: str, largest_param: int | None) -> dict[str, Any]:

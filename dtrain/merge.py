@@ -38,19 +38,6 @@ def base_tensor_files(model_path: str | Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def base_dtype(model_path: str | Path) -> torch.dtype:
-    """The dtype the base's floating-point weights are stored in (what a merge writes by default)."""
-    from safetensors import safe_open
-
-    files = base_tensor_files(model_path)
-    with safe_open(str(next(iter(files.values()))), "pt") as f:
-        for name in f.keys():
-            dtype = f.get_slice(name).get_dtype()
-            if dtype in ("F32", "BF16", "F16"):
-                return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
-    return torch.float32
-
-
 class Merger:
     """Yields merged tensors by base name; `materialize(name)` reads, merges and casts one tensor."""
 
@@ -105,7 +92,7 @@ class Merger:
 
     def _trained_against(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """qlora: every decoder linear was 4-bit in training (adapted or not); embeddings, norms, lm_head were not."""
-        from dtrain.plan import DECODER_LINEARS
+        from dtrain.plan.shape import DECODER_LINEARS
 
         if self.nf4 is None or not any(name.endswith(f".{linear}.weight") for linear in DECODER_LINEARS):
             return weight

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dtrain.tables import OPTIMIZERS
+
 # op name -> DeepSpeed builder class name, looked up through the accelerator (CPU and CUDA builders differ).
 BUILDERS = {
     "shm_comm": "ShareMemCommBuilder",
@@ -41,7 +43,7 @@ def needed_ops(cfg: Any, accelerator: str) -> list[str]:
     ds = cfg.deepspeed
     ops = ["shm_comm"] if accelerator == "cpu" else []
     offloaded = ds.stage >= 1 and ds.offload_optimizer.device != "none"
-    if cfg.train.optimizer == "adamw_deepspeed":
+    if OPTIMIZERS[cfg.train.optimizer].library == "deepspeed":
         # DeepSpeed's "AdamW" is DeepSpeedCPUAdam under optimizer offload, FusedAdam otherwise (engine.py,
         # get_optimizer_configuration).
         ops.append("cpu_adam" if offloaded else "fused_adam")

@@ -62,14 +62,14 @@ def load(job: dict, cfg, env) -> None:
 
     from dtrain.ds_config import build_deepspeed_config
     from dtrain.layout import BatchLayout
-    from dtrain.model import load_pretrained
+    from dtrain.strategies.loading import load_pretrained
 
     ds_config = build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, env.world_size), False, "cpu")
     if job.get("buffer_size") is not None:
         ds_config["zero_optimization"]["offload_param"]["buffer_size"] = job["buffer_size"]
     result = {"ok": True, "error": "", "buffer_size": ds_config["zero_optimization"]["offload_param"]["buffer_size"]}
     try:
-        load_pretrained(cfg, env, ds_config)
+        load_pretrained(cfg, ds_config)
     except AssertionError as e:
         result.update(ok=False, error=f"{e}\n{traceback.format_exc(limit=-3)}")
     unset_hf_deepspeed_config()
