@@ -4,7 +4,8 @@ What DeepSpeed 0.19.8 would otherwise do on its own, and why we write it out:
 - bf16: the engine accumulates gradients in the model dtype unless `data_types.grad_accum_dtype` says otherwise
   (engine.get_data_types; stage 3 sums micro-batch gradients into a bf16 `grad_partitions_flat_buffer`). We ask for
   fp32 at every stage that allows it (1-3). Stage 0 refuses it ("unsupported mix of model_dtype and
-  grad_accum_dtype") and keeps no fp32 master weights either, so bf16 at stage 0 is refused (`precision_problems`).
+  grad_accum_dtype") and keeps no fp32 master weights either, so the config refuses bf16 at stage 0
+  (dtrain.config.deepspeed.precision_stage_problems).
 - NVMe parameter offload: each rank's partition of a parameter must fit one swap buffer (partitioned_param_swapper
   `get_buffer`: "More elements ... than buffer size"), default 1e8 elements; Llama-3-70B's embedding is 1.05e9, so on
   fewer than 11 ranks the first load fails. `buffer_size` is computed from the model shape and the world size.
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import math
 from typing import Any
-
-import torch
 
 from dtrain.config import Config, OffloadConfig
 from dtrain.layout import BatchLayout
@@ -46,7 +45,10 @@ def build_deepspeed_config(
     """`accelerator` ("cuda" or "cpu"; default: this machine's) decides the pin_memory defaults; `largest_param`
     (elements of the model's largest parameter) sizes NVMe parameter swap buffers — read from the model's
     config.json when not given."""
-    accelerator = accelerator or ("cuda" if torch.cuda.is_available() else "cpu")
+    if accelerator is None:
+        import torch
+
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
@@ -77,17 +79,6 @@ def build_deepspeed_config(
             },
         }
     return config
-
-
-def precision_problems(cfg: Config) -> list[str]:
-    """Precision/stage combinations DeepSpeed 0.19.8 runs, but wrongly."""
-    if cfg.train.precision == "bf16" and cfg.deepspeed.stage == 0:
-        return [
-            "deepspeed.stage: bf16 at stage 0 updates bf16 weights with no fp32 master copy and accumulates "
-            "gradients in bf16 (DeepSpeed refuses fp32 accumulation at stage 0); use stage 1 — on one GPU it "
-            "partitions nothing, and DeepSpeed then keeps fp32 master weights and accumulates in fp32"
-        ]
-    return []
 
 
 def param_swap_buffer_elements(largest_param: int, world_size: int) -> int:
@@ -137,8 +128,7 @@ def _zero_section(cfg: Config, world_size: int, accelerator: str, largest_param:
 
 def pin_memory(off: OffloadConfig, accelerator: str) -> bool:
     """Page-locked host buffers speed up GPU<->host copies; on a CPU-only host they only lock RAM."""
-    configured = getattr(off, "pin_memory", None)
-    return accelerator == "cuda" if configured is None else configured
+    return accelerator == "cuda" if off.pin_memory is None else off.pin_memory
 
 
 def _offload(off: OffloadConfig, accelerator: str) -> dict[str, Any]:

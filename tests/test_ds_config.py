@@ -18,8 +18,8 @@ from dtrain.ds_config import (
     largest_parameter,
     param_swap_buffer_elements,
     pin_memory,
-    precision_problems,
 )
+from dtrain.config.deepspeed import precision_stage_problems
 from dtrain.layout import BatchLayout
 
 COMBOS = [
@@ -42,7 +42,14 @@ def make_cfg(stage, opt, param, **train):
         "output_dir": "run",
         "model": {"path": "m"},
         "data": {"datasets": [{"path": "d.jsonl"}]},
-        "train": {"max_steps": 10, "micro_batch_size": 2, "gradient_accumulation_steps": 3, **train},
+        # bf16 at stage 0 is refused by the config (no fp32 master weights, bf16 accumulation)
+        "train": {
+            "max_steps": 10,
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 3,
+            "precision": "bf16" if stage else "fp32",
+            **train,
+        },  # fmt: skip
         "deepspeed": {"stage": stage, "offload_optimizer": offload(opt), "offload_param": offload(param)},
     }
     return config_from_dict(raw, check_paths=False)
@@ -92,12 +99,10 @@ def test_bf16_accumulates_in_fp32_at_every_stage_that_allows_it():
         cfg = make_cfg(stage, "none", "none", precision="bf16")
         ds = build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, world_size=2))
         assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
-    for stage, precision in ((0, "bf16"), (3, "fp32")):
-        cfg = make_cfg(stage, "none", "none", precision=precision)
-        assert "data_types" not in build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, world_size=2))
-    assert precision_problems(make_cfg(0, "none", "none", precision="bf16"))
-    assert not precision_problems(make_cfg(1, "none", "none", precision="bf16"))
-    assert not precision_problems(make_cfg(0, "none", "none", precision="fp32"))
+    fp32 = make_cfg(3, "none", "none", precision="fp32")
+    assert "data_types" not in build_deepspeed_config(fp32, BatchLayout.from_config(fp32.train, world_size=2))
+    assert precision_stage_problems("bf16", 0) and not precision_stage_problems("bf16", 1)
+    assert not precision_stage_problems("fp32", 0)
 
 
 LLAMA3_70B_EMBEDDING = 128_256 * 8192  # 1.05e9 elements

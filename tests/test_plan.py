@@ -274,7 +274,7 @@ def test_shipped_configs_load():
     assert (full.deepspeed.offload_optimizer.device, full.deepspeed.offload_param.device) == ("cpu", "cpu")
     assert full.model.gradient_checkpointing and full.data.seq_len == 4096
     qlora = load_config(QLORA_8B, check_paths=False)
-    assert (qlora.strategy, qlora.deepspeed.stage, qlora.train.optimizer) == ("qlora", 0, "paged_adamw_8bit")
+    assert (qlora.strategy, qlora.deepspeed.stage, qlora.train.optimizer) == ("qlora", 1, "paged_adamw_8bit")
     assert (qlora.lora.r, qlora.lora.alpha, qlora.quantization.quant_type) == (16, 32, "nf4")
     assert qlora.data.datasets[0].format == "chat" and qlora.data.seq_len == 2048
 

@@ -22,14 +22,27 @@ def zero_layout_problems(stage: int, offload_optimizer: str, offload_param: str)
     return problems
 
 
+def precision_stage_problems(precision: str, stage: int) -> list[str]:
+    """bf16 at ZeRO stage 0: DeepSpeed 0.19.8 updates the bf16 weights with no fp32 master copy and sums micro-batch
+    gradients in bf16 (engine._do_optimizer_sanity_check: DDP_BFLOAT16; it refuses grad_accum_dtype fp32 there)."""
+    if precision == "bf16" and stage == 0:
+        return [
+            "deepspeed.stage: bf16 at stage 0 trains the bf16 weights with no fp32 master copy and accumulates "
+            "gradients in bf16 (DeepSpeed refuses fp32 accumulation at stage 0); use stage 1 — on one GPU it "
+            "partitions nothing, and DeepSpeed then keeps fp32 master weights and accumulates in fp32"
+        ]
+    return []
+
+
 @dataclass
 class OffloadConfig:
     device: Literal["none", "cpu", "nvme"] = "none"
     """Where the state lives between uses."""
     nvme_path: str | None = None
     """Directory on a local NVMe drive (device: nvme)."""
-    pin_memory: bool = False
-    """Page-locked host buffers: faster GPU transfers, more host memory pinned."""
+    pin_memory: bool | None = None
+    """Page-locked host buffers: faster GPU transfers, more host memory pinned. null: pinned on CUDA, off on a
+    CPU-only host (where pinning only locks RAM)."""
 
     def problems(self, key: str) -> list[str]:
         if self.device == "nvme" and not self.nvme_path:

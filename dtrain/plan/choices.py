@@ -8,12 +8,10 @@ from dataclasses import dataclass
 
 from dtrain import strategies
 from dtrain.config import Config, zero_layout_problems
+from dtrain.ds_config import OPTIMIZER_SWAP_BUFFERS, PARAM_SWAP_BUFFERS, param_swap_buffer_elements
 from dtrain.plan.hardware import Hardware
 from dtrain.plan.memory import (
     CUDA_RUNTIME_BYTES,
-    DS_OPTIMIZER_SWAP_BUFFERS,
-    DS_PARAM_SWAP_BUFFER_ELEMENTS,
-    DS_PARAM_SWAP_BUFFERS,
     DS_SUB_GROUP_SIZE,
     HOST_RUNTIME_BYTES,
     Breakdown,
@@ -145,10 +143,10 @@ def _runtime_buffers(
     cpu = HOST_RUNTIME_BYTES * per_node
     if choice.offload_optimizer == "nvme":  # pinned fp32 swap buffers, one sub-group each
         partition = counts.trainable / hw.world_size
-        cpu += DS_OPTIMIZER_SWAP_BUFFERS * 4 * min(DS_SUB_GROUP_SIZE, partition) * per_node
-    if choice.offload_param == "nvme":  # each buffer must hold the largest parameter
-        elements = max(DS_PARAM_SWAP_BUFFER_ELEMENTS, counts.largest_layer)
-        cpu += DS_PARAM_SWAP_BUFFERS * weight * elements * per_node
+        cpu += OPTIMIZER_SWAP_BUFFERS * 4 * min(DS_SUB_GROUP_SIZE, partition) * per_node
+    if choice.offload_param == "nvme":  # pinned buffers as generated: each holds a rank's share of the largest layer
+        elements = param_swap_buffer_elements(counts.largest_layer, hw.world_size)
+        cpu += PARAM_SWAP_BUFFERS * weight * elements * per_node
     return Placement(gpu=Breakdown(buffers=gpu), cpu=Breakdown(buffers=cpu))
 
 
