@@ -53,8 +53,7 @@ def write_adapter(path: Path, model_dir: Path, r: int) -> None:
 
 
 def merge_in_this_process(model_dir: Path, adapter: Path, out: Path) -> dict:
-    from dtrain.export import write_sharded
-    from dtrain.export import export_dtype
+    from dtrain.export import export_dtype, write_sharded
     from dtrain.merge import Merger, merge_to
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

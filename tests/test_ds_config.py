@@ -9,7 +9,7 @@ import json
 import pytest
 
 from dtrain.config import config_from_dict, zero_layout_problems
-from dtrain.config.deepspeed import OFFLOAD_DEVICES, ZERO_STAGES
+from dtrain.config.deepspeed import OFFLOAD_DEVICES, ZERO_STAGES, precision_stage_problems
 from dtrain.ds_config import (
     AIO,
     OPTIMIZER_SWAP_BUFFERS,
@@ -19,7 +19,6 @@ from dtrain.ds_config import (
     param_swap_buffer_elements,
     pin_memory,
 )
-from dtrain.config.deepspeed import precision_stage_problems
 from dtrain.layout import BatchLayout
 
 COMBOS = [
