@@ -53,15 +53,18 @@ def write_adapter(path: Path, model_dir: Path, r: int) -> None:
 
 
 def merge_in_this_process(model_dir: Path, adapter: Path, out: Path) -> dict:
-    from dtrain.export import export_dtype, write_sharded
+    import psutil
+
+    from dtrain.export import anon_mb, export_dtype, write_sharded
     from dtrain.merge import Merger, merge_to
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = psutil.Process().memory_info().rss / 2**20
     merger = Merger(model_dir, torch.load(adapter), 2.0, export_dtype("auto", str(model_dir)))
     out.mkdir()
-    files = merge_to(merger, out, 100_000_000, write_sharded)
+    anon: list[float] = []
+    files = merge_to(merger, out, 100_000_000, write_sharded, on_shard=lambda: anon.append(anon_mb()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"files": len(files), "rss_before_mib": before, "peak_rss_mib": peak}
+    return {"files": len(files), "rss_before_mib": before, "peak_rss_mib": peak, "anon_mib": max(anon)}
 
 
 def main() -> None:
@@ -84,8 +87,11 @@ def main() -> None:
         result = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         size_mib = sum(p.stat().st_size for p in (tmp / "merged").glob("*.safetensors")) / 2**20
     print(f"{params:,} parameters ({args.dtype}), merged model {size_mib:,.0f} MiB in {result['files']} shards")
-    before, peak = result["rss_before_mib"], result["peak_rss_mib"]
-    print(f"  merge process: RSS after imports {before:,.0f} MiB, peak {peak:,.0f} MiB (+{peak - before:,.0f} MiB)")
+    before, peak, anon = result["rss_before_mib"], result["peak_rss_mib"], result["anon_mib"]
+    print(
+        f"  merge process: RSS after imports {before:,.0f} MiB; peak RSS {peak:,.0f} MiB (imports included, "
+        f"+{peak - before:,.0f} MiB); most anonymous memory while a shard was held {anon:,.0f} MiB"
+    )
 
 
 if __name__ == "__main__":
