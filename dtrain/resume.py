@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtrain.checkpoint_layout import STATE_FILE, UNIVERSAL_TAG, Progress, complete_checkpoints, read_progress
+from dtrain.checkpoint_layout import (
+    STATE_FILE,
+    UNIVERSAL_TAG,
+    Progress,
+    complete_checkpoints,
+    nvme_optimizer_problem,
+    read_progress,
+)
 from dtrain.config import Config, ConfigError
 from dtrain.layout import BatchLayout
 
@@ -48,6 +55,8 @@ def plan_resume(cfg: Config, world_size: int) -> ResumePlan:
     layout = BatchLayout.from_config(cfg.train, world_size, progress.global_batch_size if progress else None)
     # Stage 0 keeps whole optimizer state in one file, loadable anywhere; ZeRO stages partition it by rank.
     universal = progress is not None and cfg.deepspeed.stage >= 1 and progress.world_size != world_size
+    if universal and nvme_optimizer_problem(checkpoint):
+        raise ConfigError([f"checkpoint.resume: {nvme_optimizer_problem(checkpoint)}"])
     return ResumePlan(checkpoint, progress, layout, universal)
 
 

@@ -71,11 +71,14 @@ class ProductionRuns:
     def config(self, name: str, base: str = "configs/tiny-full-zero3.yaml", model: Path | None = None) -> Path:
         return write_config(self.root / name / "cfg.yaml", model or self.model, base=base)
 
-    def jobs(self) -> list[dict]:
-        nvme = [
+    def nvme_overrides(self) -> list[str]:
+        return [*PRODUCTION,
             "deepspeed.offload_optimizer.device=nvme", f"deepspeed.offload_optimizer.nvme_path={self.nvme}/opt",
             "deepspeed.offload_param.device=nvme", f"deepspeed.offload_param.nvme_path={self.nvme}/param",
         ]  # fmt: skip
+
+    def jobs(self) -> list[dict]:
+        nvme = self.nvme_overrides()[len(PRODUCTION) :]
         lora, qlora = "configs/tiny-lora.yaml", "configs/tiny-qlora.yaml"
         # name -> (base config, model, overrides, kind)
         specs = {

@@ -2,11 +2,13 @@
 checkpointing — the 70B config's path — on 2 gloo ranks: it learns, survives kill -9, resumes on 1 rank through the
 universal checkpoint, and exports to a model vanilla transformers loads with the engine's logits.
 
-Resume tolerance. DeepSpeedCPUAdam is not bitwise after a resume: its step counter and bias corrections are
-recomputed in a different order on restore (PLATFORM.md: ~6e-4 relative on the bf16 loss), and every later forward
-runs in bf16 (8 significant bits), so a one-ulp difference in a weight shows in the loss at ~4e-3 relative.
-RESUME_RTOL is the largest relative loss gap measured over the resumed steps, rounded up with margin (see the
-closing note of issue 13); a skipped or repeated batch moves the loss by several percent, far outside it.
+Resume tolerance. DeepSpeedCPUAdam is not bitwise after a resume: it keeps its own step count and recomputes the
+bias corrections from it on restore, in a different order of fp32 operations than the uninterrupted run, and every
+later forward is bf16 (8 significant bits), which turns a last-bit difference in a master weight into a visible one
+in the loss. Measured here (kill -9 after step 3, resume from step 2, 2 ranks): relative loss gaps 1.7e-6, 3.8e-6,
+5.9e-6 over steps 4-6, growing by ~2e-6 a step; PLATFORM.md saw up to 6e-4 on longer bf16 runs. RESUME_RTOL = 2e-3
+covers that with margin and stays 5x below what a data-position bug does (one skipped or repeated batch moves this
+loss by >= 1e-2: consecutive steps differ by 1-3 %).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tests.production.runs import PRODUCTION, STEPS
 
 pytestmark = pytest.mark.slow
 
-RESUME_RTOL = 1e-2
+RESUME_RTOL = 2e-3
 
 
 def relative_gaps(got: dict[int, float], want: dict[int, float]) -> dict[int, float]:

@@ -8,9 +8,9 @@ this model the way 1e8 relates to 70B's embedding, trips the assert while the mo
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-import torch
 
 from dtrain.checkpoint import complete_checkpoints
 from dtrain.ds_config import param_swap_buffer_elements
@@ -52,18 +52,17 @@ def test_nvme_offload_trains_and_resumes_like_cpu_offload(runs):
     assert [p.name for p in complete_checkpoints(runs.run("nvme-resume") / "checkpoints")][-1] == f"step-{STEPS:08d}"
 
 
-def test_nvme_optimizer_checkpoint_exports_the_engines_weights(tmp_path, runs):
-    """With optimizer states on NVMe DeepSpeed writes empty placeholders for the fp32 weights into its ZeRO files and
-    the real states under offloaded_tensors/; the export must read the real ones (equal to the engine's)."""
+def test_nvme_optimizer_checkpoints_are_refused_by_export_and_resharding(tmp_path, runs):
+    """DeepSpeed saves empty placeholders for the fp32 weights and moments in its ZeRO files and the real states in
+    its swap format under offloaded_tensors/: export and the universal conversion would read the placeholders, so
+    both refuse, and `dtrain check` says so before the run starts."""
     from tests.helpers import run_dtrain
 
-    run_dtrain("export", str(runs.run("full-nvme")), "--hf", str(tmp_path / "hf"), "--dtype", "bf16")
-    from safetensors.torch import load_file
-
-    exported = {}
-    for shard in (tmp_path / "hf").glob("*.safetensors"):
-        exported.update(load_file(shard))
-    engine = torch.load(runs.out("full-nvme") / "weights.pt")
-    assert engine.keys() <= exported.keys() | {"lm_head.weight"}
-    for name, tensor in engine.items():
-        assert torch.equal(exported[name], tensor), name
+    refused = run_dtrain("export", str(runs.run("full-nvme")), "--hf", str(tmp_path / "hf"), check=False)
+    assert refused.returncode != 0 and "NVMe swap files" in refused.stderr and not (tmp_path / "hf").exists()
+    config = runs.config("nvme-reshard")
+    shutil.copytree(runs.checkpoint("full-nvme", 2), config.parent / "run" / "checkpoints" / "step-00000002")
+    check = run_dtrain("check", str(config), *runs.nvme_overrides(), "--nproc", "2")
+    assert "WARNING      deepspeed.offload_optimizer.device nvme" in check.stdout
+    resharded = run_dtrain("check", str(config), *runs.nvme_overrides(), "--nproc", "1", check=False)
+    assert resharded.returncode == 2 and "can only be resumed on the same number of ranks" in resharded.stderr
