@@ -82,16 +82,7 @@ class ProductionRuns:
         lora, qlora = "configs/tiny-lora.yaml", "configs/tiny-qlora.yaml"
         # name -> (base config, model, overrides, kind)
         specs = {
-            "swap-old": (None, None, [*PRODUCTION, *nvme], "load"),
-            "swap-new": (None, None, [*PRODUCTION, *nvme], "load"),
             "full-cpu": (None, None, PRODUCTION, "train"),
-            "full-nvme": (None, None, [*PRODUCTION, *nvme], "train"),
-            "nvme-resume": (
-                None,
-                None,
-                [*PRODUCTION, *nvme, f"checkpoint.resume={self.checkpoint('full-nvme', 2)}"],
-                "train",
-            ),  # fmt: skip
             "lora": (
                 lora,
                 self.tiny_model,
@@ -122,6 +113,15 @@ class ProductionRuns:
                 lora,
                 self.tiny_model,
                 [*ACCUMULATION, "train.precision=bf16", "deepspeed.stage=1"],
+                "train",
+            ),  # fmt: skip
+            "swap-old": (None, None, [*PRODUCTION, *nvme], "load"),
+            "swap-new": (None, None, [*PRODUCTION, *nvme], "load"),
+            "full-nvme": (None, None, [*PRODUCTION, *nvme], "train"),
+            "nvme-resume": (
+                None,
+                None,
+                [*PRODUCTION, *nvme, f"checkpoint.resume={self.checkpoint('full-nvme', 2)}"],
                 "train",
             ),  # fmt: skip
         }
