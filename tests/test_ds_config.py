@@ -157,3 +157,22 @@ def test_ops_a_run_needs():
     assert needed_ops(make_cfg(3, "none", "none", optimizer="adamw_deepspeed"), "cuda") == ["fused_adam"]
     assert needed_ops(make_cfg(3, "nvme", "nvme"), "cuda") == ["pin_memory", "async_io"]
     assert needed_ops(make_cfg(2, "none", "none"), "cuda") == []
+
+
+def test_check_warns_for_torch_adamw_under_optimizer_offload_and_for_nvme_optimizer_states():
+    from dtrain_launch.validate import launch_warnings
+
+    (torch_adam,) = launch_warnings(make_cfg(3, "cpu", "cpu", optimizer="adamw_torch"))
+    assert "torch AdamW is 2.2x slower than DeepSpeed's CPU Adam" in torch_adam and "adamw_deepspeed" in torch_adam
+    assert launch_warnings(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed")) == []
+    assert launch_warnings(make_cfg(3, "none", "none", optimizer="adamw_torch")) == []
+    nvme = launch_warnings(make_cfg(3, "nvme", "none", optimizer="adamw_deepspeed"))
+    assert len(nvme) == 1 and "only be resumed on the same number of ranks" in nvme[0]
+
+
+def test_check_reports_each_op_a_run_loads():
+    from dtrain_launch.validate import ops_report
+
+    lines = ops_report(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed"))
+    assert [line.split(":")[0] for line in lines] == ["shm_comm", "cpu_adam"]
+    assert all(line.endswith(": built") or "NOT built" in line or "cannot be built" in line for line in lines)
