@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_resume_on_one_rank_through_the_universal_checkpoint(tmp_path, runs):
 
 def vanilla_logits(tmp_path: Path, logits_file: Path, *specs: str) -> dict[str, torch.Tensor]:
     out = tmp_path / "vanilla.pt"
-    cmd = ["python", "-m", "tests.adapters.vanilla_logits", str(logits_file), str(out), *specs]
+    cmd = [sys.executable, "-m", "tests.adapters.vanilla_logits", str(logits_file), str(out), *specs]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return torch.load(out)
@@ -97,8 +98,8 @@ def vanilla_logits(tmp_path: Path, logits_file: Path, *specs: str) -> dict[str, 
 
 def test_export_hf_loads_in_vanilla_transformers_with_the_engines_logits(tmp_path, runs):
     """The engine computes in bf16 from the bf16 copy of its fp32 master weights; the bf16 export holds that same
-    copy, so a vanilla bf16 forward matches it up to kernel differences; the fp32 export (the master weights) differs
-    by bf16 rounding only (~1 %)."""
+    copy, so a vanilla bf16 forward matches it (measured: identical logits on CPU); the fp32 export (the master
+    weights themselves) differs by bf16 rounding only (measured 5e-3 relative)."""
     for dtype in ("bf16", "fp32"):
         run_dtrain("export", str(runs.run("full-cpu")), "--hf", str(tmp_path / dtype), "--dtype", dtype)
     engine = torch.load(runs.out("full-cpu") / "logits.pt")["logits"]
@@ -107,5 +108,5 @@ def test_export_hf_loads_in_vanilla_transformers_with_the_engines_logits(tmp_pat
     bf16, fp32 = logits[f"hf:{tmp_path / 'bf16'}"].float(), logits[f"hf:{tmp_path / 'fp32'}"].float()
     rel = lambda a: ((a - engine).norm() / engine.norm()).item()  # noqa: E731
     print(f"export vs engine logits, relative: bf16 {rel(bf16):.2e}, fp32 {rel(fp32):.2e}")
-    assert rel(bf16) < 1e-2 and rel(fp32) < 2e-2
+    assert rel(bf16) < 1e-3 and rel(fp32) < 2e-2
     assert (bf16.argmax(-1) == engine.argmax(-1)).float().mean() > 0.97
