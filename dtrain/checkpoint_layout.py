@@ -43,20 +43,6 @@ def is_complete(checkpoint: Path) -> bool:
     return bool(_NAME.match(checkpoint.name)) and (checkpoint / STATE_FILE).is_file()
 
 
-def nvme_optimizer_problem(checkpoint: Path) -> str | None:
-    """With optimizer states swapped to NVMe, DeepSpeed 0.19.8 saves empty placeholders for the fp32 weights and
-    Adam moments in its ZeRO files and the real ones, per rank, under `ds/offloaded_tensors/` in its swap format
-    (engine.save_checkpoint). zero_to_fp32 (export) and ds_to_universal read only the ZeRO files: they would read
-    the placeholders. Refused instead; None when the checkpoint has no such states."""
-    if not (checkpoint / ENGINE_TAG / "offloaded_tensors").is_dir():
-        return None
-    return (
-        f"{checkpoint} holds its optimizer states in DeepSpeed's NVMe swap files (deepspeed.offload_optimizer.device "
-        "nvme), which DeepSpeed's consolidation and universal conversion cannot read: it can only be resumed on the "
-        "same number of ranks; to export or reshard, train with offload_optimizer.device cpu (or none)"
-    )
-
-
 def complete_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not directory.is_dir():

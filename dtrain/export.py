@@ -31,7 +31,6 @@ import torch
 
 from dtrain import strategies
 from dtrain.checkpoint import ENGINE_TAG, STATE_FILE, checkpoint_name, complete_checkpoints
-from dtrain.checkpoint_layout import nvme_optimizer_problem
 from dtrain.config import Config, ConfigError, config_from_dict, read_yaml
 from dtrain.strategies.protocol import ExportOptions
 from dtrain.tables import torch_dtype
@@ -223,8 +222,6 @@ def export_checkpoint(checkpoint: Path, outputs: dict[str, Path], options: Expor
     and leaves earlier, complete kinds in place."""
     cfg = run_config(checkpoint, options.model_path)
     strategy = strategies.get(cfg.strategy)
-    if nvme_optimizer_problem(checkpoint):
-        raise ExportError(nvme_optimizer_problem(checkpoint))
     wrong = [kind for kind in outputs if kind not in strategy.export_kinds]
     if wrong:
         kinds = ", ".join(f"--{k}" for k in strategy.export_kinds)

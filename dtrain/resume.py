@@ -15,7 +15,6 @@ from dtrain.checkpoint_layout import (
     UNIVERSAL_TAG,
     Progress,
     complete_checkpoints,
-    nvme_optimizer_problem,
     read_progress,
 )
 from dtrain.config import Config, ConfigError
@@ -55,8 +54,6 @@ def plan_resume(cfg: Config, world_size: int) -> ResumePlan:
     layout = BatchLayout.from_config(cfg.train, world_size, progress.global_batch_size if progress else None)
     # Stage 0 keeps whole optimizer state in one file, loadable anywhere; ZeRO stages partition it by rank.
     universal = progress is not None and cfg.deepspeed.stage >= 1 and progress.world_size != world_size
-    if universal and nvme_optimizer_problem(checkpoint):
-        raise ConfigError([f"checkpoint.resume: {nvme_optimizer_problem(checkpoint)}"])
     return ResumePlan(checkpoint, progress, layout, universal)
 
 

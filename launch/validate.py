@@ -34,12 +34,6 @@ def launch_warnings(cfg: Config) -> list[str]:
             f"on the CPU, where torch AdamW is {TORCH_ADAMW_CPU_SLOWDOWN}x slower than DeepSpeed's CPU Adam or more "
             "(bench/cpu_adam_vs_torch.py, 100M parameters); use adamw_deepspeed unless you need bitwise-exact resume"
         )
-    if offload == "nvme":
-        warnings.append(
-            "deepspeed.offload_optimizer.device nvme: DeepSpeed keeps the optimizer states of a checkpoint in its NVMe "
-            "swap format, which `dtrain export` and the universal conversion cannot read: the run can only be "
-            "resumed on the same number of ranks and not exported (offload the optimizer to cpu for either)"
-        )
     return warnings
 
 

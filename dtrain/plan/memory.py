@@ -76,11 +76,12 @@ def model_states(
     """Parameters, gradients and optimizer states under a ZeRO stage and offload; totals equal DeepSpeed's estimators.
 
     Per trained element in bf16 with 32-bit Adam: 2 B 16-bit weight; 4 B gradient (dtrain's DeepSpeed config
-    accumulates in fp32 at stages 1-3, dtrain.ds_config; 2 B at stage 0, which bf16 cannot use); 12 B optimizer (fp32 master
-    4 + two moments 8); on the GPU, DeepSpeed's estimator also reserves the fp32 gradient made at step time: 4 B in
-    stages 0-2, 2 B in stage 3 (one sub-group at a time), shown as buffers. With the optimizer offloaded, gradients
-    land in an fp32 host partition (4 B); ZeRO-3 also keeps its gradient accumulation partition on the host (4 B,
-    measured; DeepSpeed's estimator leaves it out). Stage 1 partitions the optimizer, stage 2 also the gradients, stage 3 also
+    accumulates in fp32 at stages 1-3, dtrain.ds_config; 2 B at stage 0, which bf16 cannot use); 12 B optimizer
+    (fp32 master 4 + two moments 8); on the GPU, DeepSpeed's estimator also reserves the fp32 gradient made at step
+    time: 4 B in stages 0-2, 2 B in stage 3 (one sub-group at a time), shown as buffers. With the optimizer
+    offloaded, gradients land in an fp32 host partition (4 B); ZeRO-3 also keeps its gradient accumulation
+    partition on the host (4 B, measured; DeepSpeed's estimator leaves it out). Stage 1 partitions the optimizer,
+    stage 2 also the gradients, stage 3 also
     the weights; stage 0 (bf16) keeps everything on every rank. ZeRO-3 adds the largest layer gathered (16-bit weight
     + gradient, 4 B/element). Host memory is DeepSpeed's count times `buffer_factor` (its additional_buffer_factor)
     and covers the load peak — stages 0-2 materialize the whole model on every rank of a node (fp32 in DeepSpeed's
