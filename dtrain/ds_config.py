@@ -30,9 +30,6 @@ AIO_ALIGNED_BYTES = 1024
 # Parameter swap buffers: DeepSpeed's default count (offload_config.py); a layer's module owns one or two parameters
 # and prefetching stops when the free buffers run out, so the count bounds speed, not correctness.
 PARAM_SWAP_BUFFERS = 5
-# Optimizer swap buffers: Adam swaps in the fp32 weights, both moments and the gradient of a sub-group at once
-# (partitioned_optimizer_swapper: num_tensors + 1 gradient).
-OPTIMIZER_SWAP_BUFFERS = 4
 
 
 def build_deepspeed_config(
@@ -65,7 +62,7 @@ def build_deepspeed_config(
     }
     if cfg.train.precision == "bf16" and cfg.deepspeed.stage >= 1:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    if "nvme" in (cfg.deepspeed.offload_optimizer.device, cfg.deepspeed.offload_param.device):
+    if cfg.deepspeed.offload_param.device == "nvme":  # optimizer states on NVMe are refused by the config
         config["aio"] = dict(AIO)
     if OPTIMIZERS[cfg.train.optimizer].library == "deepspeed":
         # DeepSpeed picks its CPU Adam under optimizer offload and its fused Adam otherwise.
@@ -121,8 +118,6 @@ def _zero_section(cfg: Config, world_size: int, accelerator: str, largest_param:
                 )
     if ds.stage >= 1 and ds.offload_optimizer.device != "none":
         zero["offload_optimizer"] = _offload(ds.offload_optimizer, accelerator)
-        if ds.offload_optimizer.device == "nvme":
-            zero["offload_optimizer"]["buffer_count"] = OPTIMIZER_SWAP_BUFFERS
     return zero
 
 

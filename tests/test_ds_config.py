@@ -9,7 +9,7 @@ import json
 import pytest
 
 from dtrain.config import ConfigError, config_from_dict, zero_layout_problems
-from dtrain.config.deepspeed import OFFLOAD_DEVICES, ZERO_STAGES, nvme_optimizer_problems, precision_stage_problems
+from dtrain.config.deepspeed import OFFLOAD_DEVICES, ZERO_STAGES, precision_stage_problems
 from dtrain.ds_config import (
     AIO,
     PARAM_SWAP_BUFFERS,
@@ -23,7 +23,7 @@ from dtrain.layout import BatchLayout
 COMBOS = [
     combo
     for combo in itertools.product(ZERO_STAGES, OFFLOAD_DEVICES, OFFLOAD_DEVICES)
-    if not zero_layout_problems(*combo) and not nvme_optimizer_problems(combo[1])
+    if not zero_layout_problems(*combo)
 ]
 
 
@@ -57,6 +57,10 @@ def make_cfg(stage, opt, param, **train):
 def test_every_combination_is_concrete_and_valid(stage, opt, param):
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    if opt == "nvme":  # DeepSpeed runs it, wrongly: refused (test_optimizer_states_on_nvme_are_refused)
+        with pytest.raises(ConfigError, match="nvme is refused"):
+            make_cfg(stage, opt, param)
+        return
     cfg = make_cfg(stage, opt, param)
     ds = build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, world_size=4), largest_param=10**6)
     assert '"auto"' not in json.dumps(ds)

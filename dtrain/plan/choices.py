@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from dtrain import strategies
 from dtrain.config import Config, zero_layout_problems
 from dtrain.config.deepspeed import nvme_optimizer_problems
-from dtrain.ds_config import OPTIMIZER_SWAP_BUFFERS, PARAM_SWAP_BUFFERS, param_swap_buffer_elements
+from dtrain.ds_config import PARAM_SWAP_BUFFERS, param_swap_buffer_elements
 from dtrain.plan.hardware import Hardware
 from dtrain.plan.memory import (
     CUDA_RUNTIME_BYTES,
-    DS_SUB_GROUP_SIZE,
     HOST_RUNTIME_BYTES,
     Breakdown,
     Placement,
@@ -146,9 +145,6 @@ def _runtime_buffers(
         gpu += weight * ds.stage3_prefetch_bucket_size
     gpu += weight * dequantized_elements  # bnb dequantizes one weight at a time for its matmul
     cpu = HOST_RUNTIME_BYTES * per_node
-    if choice.offload_optimizer == "nvme":  # pinned fp32 swap buffers, one sub-group each
-        partition = counts.trainable / hw.world_size
-        cpu += OPTIMIZER_SWAP_BUFFERS * 4 * min(DS_SUB_GROUP_SIZE, partition) * per_node
     if choice.offload_param == "nvme":  # pinned buffers as generated: each holds a rank's share of the largest layer
         elements = param_swap_buffer_elements(counts.largest_layer, hw.world_size)
         cpu += PARAM_SWAP_BUFFERS * weight * elements * per_node

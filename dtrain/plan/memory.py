@@ -16,9 +16,6 @@ DS_HOST_BUFFER_FACTOR = 1.5
 # deliberately round numbers, listed under "buffers" so a user can see and discount them.
 CUDA_RUNTIME_BYTES = 1_000_000_000  # per GPU process: CUDA context, cuBLAS workspace, NCCL channels
 HOST_RUNTIME_BYTES = 3_000_000_000  # per rank in CPU RAM: Python, torch/CUDA libraries, data loader
-# DeepSpeed's default optimizer sub-group (runtime/zero/config.py): one optimizer swap buffer holds one. The swap
-# buffers themselves are what dtrain.ds_config generates.
-DS_SUB_GROUP_SIZE = 1_000_000_000
 
 
 @dataclass(frozen=True)
