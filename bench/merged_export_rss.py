@@ -2,10 +2,11 @@
 
     python bench/merged_export_rss.py [--hidden 768 --layers 12 --intermediate 3072 --vocab 32000] [--dtype bf16]
 
-Writes a random Llama (~134M parameters at the defaults) in --dtype as safetensors and a random r=16 adapter on
+Writes a random Llama (152M parameters at the defaults) in --dtype as safetensors and a random r=16 adapter on
 q/k/v/o, then merges them in a fresh process (the way `dtrain export --merged` does) with 100 MB output shards and
-reports that process's peak RSS, the RSS of the same process before merging (imports), and the model's size. A
-whole-model merge holds at least the model in fp32 (2x a bf16 model's size) on top of the imports.
+reports that process's RSS after imports, its peak RSS (which also counts the page cache of the memory-mapped base
+files it read) and its anonymous memory while a shard is held, against the model's size. A whole-model merge holds
+at least the model in fp32 (2x a bf16 model's size) on top of the imports.
 """
 
 from __future__ import annotations
