@@ -69,6 +69,7 @@ def model_states(
     precision: str = "bf16",
     optimizer: str = "adamw_torch",
     buffer_factor: float = DS_HOST_BUFFER_FACTOR,
+    grad_bytes: int | None = None,
 ) -> Placement:
     """Parameters, gradients and optimizer states under a ZeRO stage and offload; totals equal DeepSpeed's estimators.
 
@@ -90,7 +91,9 @@ def model_states(
     trained, frozen = counts.trainable, counts.frozen
     master = 0 if (precision != "bf16" and zero.stage == 0) else 4  # ZeRO always keeps a separate fp32 partition
     step_buffer = (4 if zero.stage < 3 else 2) if precision == "bf16" else 0
-    grad = 4 if zero.stage >= 1 else weight  # fp32 accumulation (data_types.grad_accum_dtype) at stages 1-3
+    # dtrain accumulates in fp32 at stages 1-3 (data_types.grad_accum_dtype); DeepSpeed's estimators assume the
+    # model dtype (grad_bytes=2 reproduces them).
+    grad = grad_bytes or (4 if zero.stage >= 1 else weight)
     share = 1 if zero.stage == 0 else world  # ranks sharing the optimizer state
     grad_share = world if zero.stage >= 2 else 1
     param_share = world if zero.stage == 3 else 1
