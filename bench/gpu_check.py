@@ -95,15 +95,6 @@ def load_case(case: Case, model_dir: Path):
     return cfg, ModelShape.from_hf_config(shape)
 
 
-def meta_model(model_dir: Path):
-    """The model on the meta device: its structure and parameter count, no memory."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16)
-
-
 def planned_gpu_bytes(cfg, shape, gpu_mem_bytes: int, cpu_mem_bytes: int) -> float:
     """`dtrain plan`'s per-GPU total for this config on one GPU."""
     from dtrain.plan.choices import Choice, estimate
@@ -124,16 +115,20 @@ def materialize(model, cfg, device):
 
     def fill(module):
         for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":  # quantized already
+                continue
             data = torch.empty(param.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
             setattr(module, name, torch.nn.Parameter(data, requires_grad=param.requires_grad))
         for name, buf in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+            if buf.device.type == "meta":
+                module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
 
     if cfg.strategy == "qlora":
         _quantize_linears(model, cfg, device)
     for module in model.modules():
         fill(module)
-    model.model.rotary_emb.__init__(model.config, device=device)  # inv_freq from the config, not zeros
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(model.config).to(device)  # inv_freq from the config, not zeros
     if model.config.tie_word_embeddings:
         model.tie_weights()
     return model
@@ -167,13 +162,14 @@ def run_case(case: Case, work: Path, args) -> dict:
     from dtrain.ds_config import build_deepspeed_config
     from dtrain.layout import BatchLayout
     from dtrain.optim import build_optimizer
+    from dtrain.strategies.loading import meta_model
 
     cfg, shape = load_case(case, work / case.name.replace(" ", "_"))
     device = torch.device("cuda", 0)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     context = torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0] - torch.cuda.memory_reserved()
-    model = materialize(meta_model(Path(cfg.model.path)), cfg, device)
+    model = materialize(meta_model(Path(cfg.model.path)), cfg, device)  # dtrain.strategies.loading
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if cfg.strategy != "full":

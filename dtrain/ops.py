@@ -29,13 +29,6 @@ BUILDERS = {
     "pin_memory": "PinMemoryBuilder",
     "async_io": "AsyncIOBuilder",
 }
-WHY = {
-    "shm_comm": "DeepSpeed's shared-memory collectives, loaded by every CPU rank at start",
-    "cpu_adam": "adamw_deepspeed with the optimizer offloaded (DeepSpeedCPUAdam)",
-    "fused_adam": "adamw_deepspeed with the optimizer on the GPU (FusedAdam)",
-    "pin_memory": "NVMe offload (async_io loads it first)",
-    "async_io": "NVMe offload (libaio reads/writes of the swapped tensors)",
-}
 
 
 def needed_ops(cfg: Any, accelerator: str) -> list[str]:
