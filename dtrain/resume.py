@@ -7,16 +7,12 @@ accumulation steps, and, where ZeRO partitioned the optimizer by rank, loads thr
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from dtrain import strategies
 from dtrain.checkpoint_layout import STATE_FILE, UNIVERSAL_TAG, Progress, complete_checkpoints, read_progress
-from dtrain.config import Config, ConfigError, read_yaml
-from dtrain.fingerprint import run_fingerprints
+from dtrain.config import Config, ConfigError
 from dtrain.layout import BatchLayout
-from dtrain.resume_changes import Changes, compare
 
 
 @dataclass(frozen=True)
@@ -26,8 +22,6 @@ class ResumePlan:
     layout: BatchLayout
     universal: bool
     """Saved on another world size with ZeRO-partitioned state: load `<checkpoint>/universal/`."""
-    changes: list[str] = field(default_factory=list)
-    """Config differences from the checkpoint that the resume accepts (printed by check and the trainer)."""
 
     def describe(self) -> str:
         if self.checkpoint is None:
@@ -47,40 +41,14 @@ class ResumePlan:
 
 
 def plan_resume(cfg: Config, world_size: int) -> ResumePlan:
-    """The start of a run of `cfg` on `world_size` ranks; ConfigError if `checkpoint.resume` cannot be honoured, the
-    run differs from the checkpoint's in what it trains, or the saved global batch does not fit the world size."""
+    """The start of a run of `cfg` on `world_size` ranks; ConfigError if `checkpoint.resume` cannot be honoured or
+    the saved global batch does not fit the new world size."""
     checkpoint = find_resume_checkpoint(cfg)
     progress = read_progress(checkpoint) if checkpoint else None
-    changes = same_run_changes(cfg, checkpoint) if checkpoint else Changes()
-    if changes.refused:
-        raise ConfigError([*changes.refused, _refusal_hint(cfg, checkpoint, changes)])
     layout = BatchLayout.from_config(cfg.train, world_size, progress.global_batch_size if progress else None)
     # Stage 0 keeps whole optimizer state in one file, loadable anywhere; ZeRO stages partition it by rank.
     universal = progress is not None and cfg.deepspeed.stage >= 1 and progress.world_size != world_size
-    return ResumePlan(checkpoint, progress, layout, universal, changes.allowed)
-
-
-def same_run_changes(cfg: Config, checkpoint: Path) -> Changes:
-    """How this run's config and files differ from those the checkpoint was trained with."""
-    saved = read_yaml(checkpoint / "config.yaml") or {}
-    saved_prints = json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprints", {})
-    sections = strategies.get(cfg.strategy).sections
-    return compare(saved, saved_prints, cfg.to_dict(), run_fingerprints(cfg), sections)
-
-
-def _refusal_hint(cfg: Config, checkpoint: Path, changes: Changes) -> str:
-    hint = (
-        f"checkpoint.resume: {checkpoint} was trained with a different run (above). Start a fresh run with a new "
-        "output_dir"
-    )
-    allowable = [line.split(":")[0] for line in changes.refused if line.split(":")[0] not in changes.unloadable]
-    if allowable:
-        hint += f", or resume deliberately with checkpoint.allow_changes=[{', '.join(allowable)}]"
-    if changes.unloadable:
-        hint += (
-            f"; {', '.join(changes.unloadable)} cannot be allowed: the saved tensors cannot be loaded into this model"
-        )
-    return hint
+    return ResumePlan(checkpoint, progress, layout, universal)
 
 
 def find_resume_checkpoint(cfg: Config) -> Path | None:
