@@ -6,9 +6,19 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 NPROC   ?= 2
 
-.PHONY: setup demo test test-fast lint slurm-up slurm-down clean
+.PHONY: setup ops demo test test-fast lint slurm-up slurm-down clean
 
-setup: $(STAMP)
+setup: $(STAMP) ops
+
+# DeepSpeed's ops (shm_comm, cpu_adam, async_io + pin_memory) are JIT-compiled on first use; built here once into
+# the torch extensions cache so no rank of a job compiles them. async_io needs Debian's libaio-dev (CI runs as
+# root on a fresh machine). A second run only checks: dpkg and `dtrain.ops build` (~4 s) find everything in place.
+ops: $(STAMP)
+	@dpkg -s libaio-dev >/dev/null 2>&1 || { command -v apt-get >/dev/null && \
+		{ apt-get install -y -q --no-install-recommends libaio-dev || \
+		  { apt-get update -q && apt-get install -y -q --no-install-recommends libaio-dev; }; } || \
+		echo "libaio-dev not installed: NVMe offload will not run (install it with your package manager)"; }
+	$(BIN)/python -m dtrain.ops build
 
 # torch is pinned to the CPU build here: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -22,16 +32,16 @@ runs/tiny-model/config.json: | $(STAMP)
 	$(BIN)/dtrain tiny-model runs/tiny-model
 
 # The main job: a tiny Llama trained with ZeRO-3 + CPU offload on 2 gloo ranks over the bundled sample data.
-demo: $(STAMP) runs/tiny-model/config.json
+demo: setup runs/tiny-model/config.json
 	$(BIN)/dtrain check configs/tiny-full-zero3.yaml --nproc $(NPROC)
 	$(BIN)/dtrain train configs/tiny-full-zero3.yaml --nproc $(NPROC)
 
 # The whole suite. The Slurm tests install, start and stop a real single-node cluster themselves
 # (slurm/testcluster/start, stop): nothing to set up by hand.
-test: $(STAMP)
+test: setup
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slurm and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)

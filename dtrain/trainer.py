@@ -70,7 +70,7 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.order.steps_per_epoch)
         if self.resume.universal:
             ensure_universal(self.resume.checkpoint, env.rank, grace_s=cfg.deepspeed.timeout_minutes * 60)
-        ds_config = build_deepspeed_config(cfg, self.layout, load_universal=self.resume.universal)
+        ds_config = build_deepspeed_config(cfg, self.layout, self.resume.universal, env.device.type)
         torch.manual_seed(cfg.train.seed)
         strategy = strategies.get(cfg.strategy)
         built = strategy.build(cfg, env, ds_config)

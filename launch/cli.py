@@ -9,7 +9,7 @@ import sys
 
 from dtrain_launch.export_cmd import add_export_parser
 from dtrain_launch.submit_cmd import add_submit_parsers
-from dtrain_launch.validate import fit_report
+from dtrain_launch.validate import fit_report, launch_warnings, ops_report
 
 from dtrain.config import ConfigError
 from dtrain.preflight import Launch, Preflight, preflight
@@ -123,6 +123,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  memory       {fit[0] if fit else 'not checked (give --gpus-per-node --gpu-mem --cpu-mem)'}")
     for line in fit[1:]:
         print(f"               {line}")
+    ops = ops_report(cfg)
+    print(f"  ds ops       {ops[0] if ops else 'none compiled'}")
+    for line in ops[1:]:
+        print(f"               {line}")
+    for warning in launch_warnings(cfg):
+        print(f"  WARNING      {warning}")
     print("  deepspeed config:")
     print("    " + json.dumps(build_deepspeed_config(cfg, layout), indent=2).replace("\n", "\n    "))
     if fit and fit[0] == "does NOT fit" and not args.allow_no_fit:

@@ -180,7 +180,7 @@ def test_zero3_agrees_with_deepspeed_estimator(nodes, gpus, offload_optimizer, o
     )
     device = {True: "cpu", False: "none"}
     zero = ZeroChoice(3, device[offload_optimizer], device[offload_param])
-    ours = model_states(counts, zero, nodes, gpus)
+    ours = model_states(counts, zero, nodes, gpus, grad_bytes=2)  # the estimator's bf16 gradients
     assert ours.gpu.total == pytest.approx(ds_gpu, abs=2)
     assert ours.cpu.total == pytest.approx(ds_cpu, abs=2)
 
@@ -193,18 +193,21 @@ def test_zero2_agrees_with_deepspeed_estimator(gpus, offload_optimizer):
 
     counts = full_counts(LLAMA3_8B)
     ds_cpu, ds_gpu = estimate_zero2_model_states_mem_needs(counts.trainable, gpus, 1, offload_optimizer)
-    ours = model_states(counts, ZeroChoice(2, "cpu" if offload_optimizer else "none"), 1, gpus)
+    ours = model_states(counts, ZeroChoice(2, "cpu" if offload_optimizer else "none"), 1, gpus, grad_bytes=2)
     assert ours.gpu.total == pytest.approx(ds_gpu, abs=2)
     assert ours.cpu.total == pytest.approx(ds_cpu, abs=2)
 
 
 def test_70b_full_adam_mixed_precision_is_16_bytes_per_param():
-    """2 B bf16 weights + 2 B bf16 gradients + 12 B fp32 master and Adam moments = 16 B/param, ~1.1 TB for 70B."""
+    """2 B bf16 weights + 2 B bf16 gradients + 12 B fp32 master and Adam moments = 16 B/param, ~1.1 TB for 70B (the
+    ZeRO paper's count); dtrain accumulates gradients in fp32, 2 B/param more: 18 B/param, 1.27 TB."""
     counts = full_counts()
-    states = model_states(counts, ZeroChoice(3), nodes=4, gpus_per_node=8)
+    states = model_states(counts, ZeroChoice(3), nodes=4, gpus_per_node=8, grad_bytes=2)
     cluster = states.gpu.model_states * 32
     assert cluster == pytest.approx(16 * counts.trainable)
     assert format_bytes(cluster) == "1.13 TB"
+    fp32_grads = model_states(counts, ZeroChoice(3), nodes=4, gpus_per_node=8).gpu.model_states * 32
+    assert fp32_grads == pytest.approx(18 * counts.trainable)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,7 +287,7 @@ def test_shipped_configs_load():
     assert (full.deepspeed.offload_optimizer.device, full.deepspeed.offload_param.device) == ("cpu", "cpu")
     assert full.model.gradient_checkpointing and full.data.seq_len == 4096
     qlora = load_config(QLORA_8B, check_paths=False)
-    assert (qlora.strategy, qlora.deepspeed.stage, qlora.train.optimizer) == ("qlora", 0, "paged_adamw_8bit")
+    assert (qlora.strategy, qlora.deepspeed.stage, qlora.train.optimizer) == ("qlora", 1, "paged_adamw_8bit")
     assert (qlora.lora.r, qlora.lora.alpha, qlora.quantization.quant_type) == (16, 32, "nf4")
     assert qlora.data.datasets[0].format == "chat" and qlora.data.seq_len == 2048
 

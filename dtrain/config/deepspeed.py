@@ -22,14 +22,42 @@ def zero_layout_problems(stage: int, offload_optimizer: str, offload_param: str)
     return problems
 
 
+def nvme_optimizer_problems(offload_optimizer: str) -> list[str]:
+    """Optimizer states on NVMe, DeepSpeed 0.19.8, tested on 2 ranks (tests/production/test_nvme.py): the run trains
+    wrong — from the second step its loss leaves the CPU-offload run's (8.92 vs 8.88, 8.67 vs 8.31 after 6 steps; the
+    same with parameters on NVMe too, while NVMe parameter offload alone is bitwise equal) — and its checkpoints hold
+    empty placeholders for the fp32 weights and moments in the ZeRO files (the real ones in DeepSpeed's swap format
+    under ds/offloaded_tensors/), which export and the universal conversion cannot read."""
+    if offload_optimizer != "nvme":
+        return []
+    return [
+        "deepspeed.offload_optimizer.device: nvme is refused: with DeepSpeed 0.19.8 the loss leaves the CPU-offload "
+        "run's from the second step (tested), and its checkpoints cannot be exported or resumed on another number "
+        "of ranks; offload the optimizer to cpu (parameters may stay on nvme)"
+    ]
+
+
+def precision_stage_problems(precision: str, stage: int) -> list[str]:
+    """bf16 at ZeRO stage 0: DeepSpeed 0.19.8 updates the bf16 weights with no fp32 master copy and sums micro-batch
+    gradients in bf16 (engine._do_optimizer_sanity_check: DDP_BFLOAT16; it refuses grad_accum_dtype fp32 there)."""
+    if precision == "bf16" and stage == 0:
+        return [
+            "deepspeed.stage: bf16 at stage 0 trains the bf16 weights with no fp32 master copy and accumulates "
+            "gradients in bf16 (DeepSpeed refuses fp32 accumulation at stage 0); use stage 1 — on one GPU it "
+            "partitions nothing, and DeepSpeed then keeps fp32 master weights and accumulates in fp32"
+        ]
+    return []
+
+
 @dataclass
 class OffloadConfig:
     device: Literal["none", "cpu", "nvme"] = "none"
     """Where the state lives between uses."""
     nvme_path: str | None = None
     """Directory on a local NVMe drive (device: nvme)."""
-    pin_memory: bool = False
-    """Page-locked host buffers: faster GPU transfers, more host memory pinned."""
+    pin_memory: bool | None = None
+    """Page-locked host buffers: faster GPU transfers, more host memory pinned. null: pinned on CUDA, off on a
+    CPU-only host (where pinning only locks RAM)."""
 
     def problems(self, key: str) -> list[str]:
         if self.device == "nvme" and not self.nvme_path:
@@ -60,6 +88,7 @@ class DeepSpeedConfig:
 
     def problems(self) -> list[str]:
         problems = zero_layout_problems(self.stage, self.offload_optimizer.device, self.offload_param.device)
+        problems += nvme_optimizer_problems(self.offload_optimizer.device)
         problems += self.offload_optimizer.problems("deepspeed.offload_optimizer")
         problems += self.offload_param.problems("deepspeed.offload_param")
         for name in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters"):

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from dtrain.config.data import DataConfig
-from dtrain.config.deepspeed import DeepSpeedConfig
+from dtrain.config.deepspeed import DeepSpeedConfig, precision_stage_problems
 from dtrain.config.model import LoraConfig, ModelConfig, QuantizationConfig
 from dtrain.config.train import TrainConfig
 from dtrain.config.typed import ConfigError, apply_override, convert, flatten, guarded, read_yaml
@@ -152,6 +152,7 @@ class Config:
             lambda: self.data.problems(check_paths),
             self.train.problems,
             self.deepspeed.problems,
+            lambda: precision_stage_problems(self.train.precision, self.deepspeed.stage),
             self.quantization.problems,
             self.checkpoint.problems,
             self.eval.problems,

@@ -8,13 +8,11 @@ from dataclasses import dataclass
 
 from dtrain import strategies
 from dtrain.config import Config, zero_layout_problems
+from dtrain.config.deepspeed import nvme_optimizer_problems
+from dtrain.ds_config import PARAM_SWAP_BUFFERS, param_swap_buffer_elements
 from dtrain.plan.hardware import Hardware
 from dtrain.plan.memory import (
     CUDA_RUNTIME_BYTES,
-    DS_OPTIMIZER_SWAP_BUFFERS,
-    DS_PARAM_SWAP_BUFFER_ELEMENTS,
-    DS_PARAM_SWAP_BUFFERS,
-    DS_SUB_GROUP_SIZE,
     HOST_RUNTIME_BYTES,
     Breakdown,
     Placement,
@@ -71,7 +69,11 @@ class Choice:
     def valid(self) -> bool:
         """The rules the config validation applies: which layouts DeepSpeed runs, and what the strategy allows."""
         layout = (self.stage, self.offload_optimizer, self.offload_param)
-        return not zero_layout_problems(*layout) and not strategies.get(self.strategy).zero_problems(*layout)
+        return (
+            not zero_layout_problems(*layout)
+            and not nvme_optimizer_problems(self.offload_optimizer)
+            and not strategies.get(self.strategy).zero_problems(*layout)
+        )
 
     def describe(self) -> str:
         offload = [
@@ -144,12 +146,9 @@ def _runtime_buffers(
         gpu += weight * ds.stage3_prefetch_bucket_size
     gpu += weight * dequantized_elements  # bnb dequantizes one weight at a time for its matmul
     cpu = HOST_RUNTIME_BYTES * per_node
-    if choice.offload_optimizer == "nvme":  # pinned fp32 swap buffers, one sub-group each
-        partition = counts.trainable / hw.world_size
-        cpu += DS_OPTIMIZER_SWAP_BUFFERS * 4 * min(DS_SUB_GROUP_SIZE, partition) * per_node
-    if choice.offload_param == "nvme":  # each buffer must hold the largest parameter
-        elements = max(DS_PARAM_SWAP_BUFFER_ELEMENTS, counts.largest_layer)
-        cpu += DS_PARAM_SWAP_BUFFERS * weight * elements * per_node
+    if choice.offload_param == "nvme":  # pinned buffers as generated: each holds a rank's share of the largest layer
+        elements = param_swap_buffer_elements(counts.largest_layer, hw.world_size)
+        cpu += PARAM_SWAP_BUFFERS * weight * elements * per_node
     return Placement(gpu=Breakdown(buffers=gpu), cpu=Breakdown(buffers=cpu))
 
 

@@ -17,11 +17,6 @@ DS_HOST_BUFFER_FACTOR = 1.5
 # deliberately round numbers, listed under "buffers" so a user can see and discount them.
 CUDA_RUNTIME_BYTES = 1_000_000_000  # per GPU process: CUDA context, cuBLAS workspace, NCCL channels
 HOST_RUNTIME_BYTES = 3_000_000_000  # per rank in CPU RAM: Python, torch/CUDA libraries, data loader
-# DeepSpeed defaults that size the NVMe swap buffers (runtime/zero/offload_config.py, runtime/zero/config.py).
-DS_SUB_GROUP_SIZE = 1_000_000_000
-DS_OPTIMIZER_SWAP_BUFFERS = 4
-DS_PARAM_SWAP_BUFFERS = 5
-DS_PARAM_SWAP_BUFFER_ELEMENTS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -75,14 +70,17 @@ def model_states(
     precision: str = "bf16",
     optimizer: str = "adamw_torch",
     buffer_factor: float = DS_HOST_BUFFER_FACTOR,
+    grad_bytes: int | None = None,
 ) -> Placement:
     """Parameters, gradients and optimizer states under a ZeRO stage and offload; totals equal DeepSpeed's estimators.
 
-    Per trained element in bf16 with 32-bit Adam: 2 B 16-bit weight; 2 B 16-bit gradient; 12 B optimizer (fp32 master
-    4 + two moments 8); on the GPU, DeepSpeed's estimator also reserves the fp32 gradient made at step time: 4 B in
-    stages 0-2, 2 B in stage 3 (one sub-group at a time), shown as buffers. With the optimizer offloaded, gradients
-    land in an fp32 host partition (4 B); ZeRO-3 also keeps its 16-bit gradient partition on the host (2 B, measured;
-    DeepSpeed's estimator leaves it out). Stage 1 partitions the optimizer, stage 2 also the gradients, stage 3 also
+    Per trained element in bf16 with 32-bit Adam: 2 B 16-bit weight; 4 B gradient (dtrain's DeepSpeed config
+    accumulates in fp32 at stages 1-3, dtrain.ds_config; 2 B at stage 0, which bf16 cannot use); 12 B optimizer
+    (fp32 master 4 + two moments 8); on the GPU, DeepSpeed's estimator also reserves the fp32 gradient made at step
+    time: 4 B in stages 0-2, 2 B in stage 3 (one sub-group at a time), shown as buffers. With the optimizer
+    offloaded, gradients land in an fp32 host partition (4 B); ZeRO-3 also keeps its gradient accumulation
+    partition on the host (4 B, measured; DeepSpeed's estimator leaves it out). Stage 1 partitions the optimizer,
+    stage 2 also the gradients, stage 3 also
     the weights; stage 0 (bf16) keeps everything on every rank. ZeRO-3 adds the largest layer gathered (16-bit weight
     + gradient, 4 B/element). Host memory is DeepSpeed's count times `buffer_factor` (its additional_buffer_factor)
     and covers the load peak — stages 0-2 materialize the whole model on every rank of a node (fp32 in DeepSpeed's
@@ -94,6 +92,9 @@ def model_states(
     trained, frozen = counts.trainable, counts.frozen
     master = 0 if (precision != "bf16" and zero.stage == 0) else 4  # ZeRO always keeps a separate fp32 partition
     step_buffer = (4 if zero.stage < 3 else 2) if precision == "bf16" else 0
+    # dtrain accumulates in fp32 at stages 1-3 (data_types.grad_accum_dtype); DeepSpeed's estimators assume the
+    # model dtype (grad_bytes=2 reproduces them).
+    grad = grad_bytes or (4 if zero.stage >= 1 else weight)
     share = 1 if zero.stage == 0 else world  # ranks sharing the optimizer state
     grad_share = world if zero.stage >= 2 else 1
     param_share = world if zero.stage == 3 else 1
@@ -107,12 +108,12 @@ def model_states(
     rank = _place(Placement(), "params", where_params, gpu_params)
     host_grads16 = 0.0
     if where_optimizer == "none":
-        rank = _place(rank, "grads", "none", weight * trained / grad_share)
+        rank = _place(rank, "grads", "none", grad * trained / grad_share)
         rank = _place(rank, "buffers", "none", step_buffer * trained / share)
     else:
-        rank = _place(rank, "grads", "none", weight * trained if zero.stage == 1 else 0.0)
+        rank = _place(rank, "grads", "none", grad * trained if zero.stage == 1 else 0.0)
         rank = _place(rank, "grads", where_optimizer, 4 * trained / world)
-        host_grads16 = weight * trained / world if zero.stage == 3 else 0.0
+        host_grads16 = grad * trained / world if zero.stage == 3 else 0.0
         rank = _place(rank, "grads", "cpu", host_grads16)
     rank = _place(rank, "optimizer", where_optimizer, optimizer)
     if zero.stage == 3:

@@ -16,8 +16,6 @@ from dtrain.plan.shape import (
 from dtrain.strategies.protocol import BuiltModel, CheckpointOptions, ExportOptions
 
 if TYPE_CHECKING:
-    import torch
-
     from dtrain.config import Config
     from dtrain.dist import DistEnv
     from dtrain.export import ExportResult
@@ -63,7 +61,7 @@ class Lora:
 
         if kind == "adapter":
             return peft_adapters.export_adapter(checkpoint, cfg, out)
-        return peft_adapters.export_merged(checkpoint, cfg, out, options, load_base=fp32_base)
+        return peft_adapters.export_merged(checkpoint, cfg, out, options)
 
     def plan_terms(self, shape: ModelShape, cfg: Config) -> PlanTerms:
         counts = ParamCounts(adapter_params(shape, cfg), frozen_params(shape, cfg), 0, shape.largest_layer_params)
@@ -77,15 +75,6 @@ def adapter_params(shape: ModelShape, cfg: Config) -> int:
 def frozen_params(shape: ModelShape, cfg: Config) -> int:
     """The base stays whole beside the adapters and modules_to_save copies; only trained biases leave it."""
     return shape.total_params - trained_bias_params(shape, cfg.lora, lora_targets(shape, cfg.lora.target_modules))
-
-
-def fp32_base(cfg: Config) -> torch.nn.Module:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        cfg.model.local_dir(), trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32
-    )
 
 
 LORA = Lora()

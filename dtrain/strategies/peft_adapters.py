@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dtrain.export import ExportError, ExportResult, copy_tokenizer, export_dtype, lazy_engine_tensors, peak_rss_mb
+from dtrain.export import (
+    ExportError,
+    ExportResult,
+    copy_model_files,
+    export_dtype,
+    lazy_engine_tensors,
+    peak_rss_mb,
+    write_sharded,
+)
 from dtrain.strategies.loading import meta_model
 from dtrain.strategies.protocol import ExportOptions
 from dtrain.tables import torch_dtype
@@ -218,28 +225,16 @@ def export_adapter(checkpoint: Path, cfg: Config, out: Path) -> ExportResult:
 
 
 def export_merged(
-    checkpoint: Path, cfg: Config, out: Path, options: ExportOptions, load_base: Callable[[Config], torch.nn.Module]
+    checkpoint: Path, cfg: Config, out: Path, options: ExportOptions, nf4: dict[str, Any] | None = None
 ) -> ExportResult:
-    """Base + adapter with the adapter folded into the weights, as a standard HF model folder. `load_base` gives
-    the fp32 base the adapter was trained against."""
-    from peft import get_peft_model
+    """Base + adapter folded into the weights, as a standard HF model folder in the base's dtype (or
+    options.dtype), written one base tensor at a time on the CPU (dtrain.merge): memory holds one output shard,
+    never the model. `nf4` (qlora): the quantization the base was trained under, merged onto its dequantized
+    weights — those the adapter was trained against."""
+    from dtrain.merge import Merger, merge_to
 
-    tensors = adapter_tensors(cfg, checkpoint)
-    model = get_peft_model(load_base(cfg), peft_config(cfg.lora, cfg.model.path))
-    result = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
-    if result.unexpected_keys:
-        raise ExportError(f"adapter does not fit the model: unexpected {result.unexpected_keys}")
-    merged = model.merge_and_unload()
-    cast_parameters(merged, export_dtype(options.dtype, cfg.model.local_dir()))
-    merged.save_pretrained(str(out), max_shard_size=options.max_shard_bytes, safe_serialization=True)
-    copy_tokenizer(cfg, out)
-    files = sorted(p.name for p in out.glob("*.safetensors"))
-    return ExportResult(out, files, len(merged.state_dict()), peak_rss_mb())
-
-
-def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Parameters only: `model.to(bf16)` would also round buffers such as rotary `inv_freq` and shift logits."""
-    for param in model.parameters():
-        if param.is_floating_point():
-            param.data = param.data.to(dtype)
-    model.config.dtype = dtype
+    dtype = export_dtype(options.dtype, cfg.model.local_dir())
+    merger = Merger(cfg.model.local_dir(), adapter_tensors(cfg, checkpoint), cfg.lora.alpha / cfg.lora.r, dtype, nf4)
+    files = merge_to(merger, out, options.max_shard_bytes, write_sharded)
+    copy_model_files(cfg, out, dtype)
+    return ExportResult(out, files, len(merger.names), peak_rss_mb())

@@ -72,11 +72,13 @@ class QLora:
         return BuiltModel(model, keepalive)
 
     def export(self, kind: str, checkpoint: Path, cfg: Config, out: Path, options: ExportOptions) -> ExportResult:
+        from dtrain.merge import nf4_settings
         from dtrain.strategies import peft_adapters
 
         if kind == "adapter":
             return peft_adapters.export_adapter(checkpoint, cfg, out)
-        return peft_adapters.export_merged(checkpoint, cfg, out, options, load_base=dequantized_base)
+        nf4 = nf4_settings(cfg.quantization.quant_type, cfg.quantization.double_quant)
+        return peft_adapters.export_merged(checkpoint, cfg, out, options, nf4=nf4)
 
     def plan_terms(self, shape: ModelShape, cfg: Config) -> PlanTerms:
         dims = shape.linear_dims()
@@ -110,24 +112,6 @@ def bnb_config(cfg: Config) -> Any:
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
     )
-
-
-def dequantized_base(cfg: Config) -> torch.nn.Module:
-    """`dequantize()` of the NF4 base, in fp32: the weights the adapter was trained against (the original bf16 ones
-    differ by the quantization, and a merge onto them does not reproduce the trained model)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(
-        cfg.model.local_dir(),
-        trust_remote_code=cfg.model.trust_remote_code,
-        quantization_config=bnb_config(cfg),
-        dtype=torch.float32,
-    )
-    disable_cpu_weight_repacking(base, torch.device("cpu"))
-    base = base.dequantize(dtype=torch.float32)
-    base.is_loaded_in_4bit = False
-    return base
 
 
 def keep_only_tensors_in_state_dict(model: torch.nn.Module) -> None:
