@@ -23,6 +23,7 @@ from dtrain.export import (
     ExportError,
     ExportResult,
     copy_model_files,
+    copy_tokenizer,
     export_dtype,
     lazy_engine_tensors,
     peak_rss_mb,
