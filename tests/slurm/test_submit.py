@@ -5,7 +5,7 @@ On the cluster (marked slurm; the session fixture starts it): a tiny 2-rank ZeRO
 Slurm job; a job interrupted the way preemption does it saves, is requeued and resumes to the losses of the
 uninterrupted run; a job whose rank crashes fails with the traceback in its log and is not requeued; cancel.
 Without Slurm: config and profile errors are reported before anything reaches sbatch; the sbatch script for the
-example H100 profile matches tests/slurm/golden/; the stop signal the ranks agree on.
+example H100 profile matches tests/slurm/golden/. (The stop signal the ranks agree on: tests/test_preemption.py.)
 
 Run: pytest tests/slurm/test_submit.py -v -s   (prints a [timing] line per phase)
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from slurm_helpers import wait_for
 
 from dtrain.config import ConfigError, load_config
 from dtrain.metrics import read_metrics
-from tests.helpers import FULL_OVERRIDES, FULL_STEPS, write_config
+from tests.helpers import FULL_OVERRIDES, FULL_STEPS, last_logged_step, run_dtrain, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -49,11 +48,8 @@ def _timing(name: str, seconds: float) -> None:
 
 
 def dtrain(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The real `dtrain` CLI."""
-    return subprocess.run(
-        [sys.executable, "-m", "dtrain_launch.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    """The real `dtrain` CLI in a fresh process; the caller checks the exit code."""
+    return run_dtrain(*args, env=env, timeout=timeout, check=False)
 
 
 @dataclass
@@ -100,13 +96,6 @@ def scontrol_job(cluster, job_id: str) -> dict[str, str]:
     """JobState, Restarts, ExitCode ... from slurmctld (it keeps finished jobs for MinJobAge = 300 s)."""
     out = cluster.run("scontrol", "show", "job", "-o", job_id)
     return dict(word.split("=", 1) for word in out.split() if "=" in word)
-
-
-def last_step(run_dir: Path) -> int:
-    try:
-        return max(read_metrics(run_dir), default=0)
-    except ValueError:  # a line being written
-        return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,7 +151,7 @@ def test_submit_trains_to_completion(finished_run, slurm_cluster):
 def test_interrupted_job_saves_requeues_and_resumes_to_equal_losses(finished_run, slurm_cluster, tiny_model, tmp_path):
     job = submit_tiny(tmp_path, tiny_model)
     t0 = job.submitted_at
-    wait_for(lambda: last_step(job.run_dir) >= 2, 300, "the job to log step 2")
+    wait_for(lambda: last_logged_step(job.run_dir) >= 2, 300, "the job to log step 2")
     t_interrupt = time.monotonic()
     _timing("submit -> step 2 logged", t_interrupt - t0)
     # what submitit's own tests do to simulate preemption: SIGTERM, then SIGUSR2, to every task
@@ -279,24 +268,3 @@ def test_sbatch_script_for_the_example_h100_profile_matches_golden():
     if os.environ.get("DTRAIN_UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text(), f"regenerate with DTRAIN_UPDATE_GOLDEN=1 if intended:\n{text}"
-
-
-def test_ranks_agree_on_the_strongest_stop_signal(tmp_path):
-    """USR2 (warning: save and requeue) outranks SIGTERM (the end) when a rank saw both, in any order."""
-    script = f"""
-import os, signal, torch.distributed as dist
-from dtrain.preemption import StopFlag, stopped_by
-import torch
-dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
-flag = StopFlag(torch.device("cpu"))
-assert not flag.stop_requested() and stopped_by() is None
-os.kill(os.getpid(), signal.SIGUSR2); os.kill(os.getpid(), signal.SIGTERM)
-assert flag.stop_requested() and stopped_by() == signal.SIGUSR2, stopped_by()
-flag = StopFlag(torch.device("cpu"))
-assert stopped_by() is None
-os.kill(os.getpid(), signal.SIGTERM)
-assert flag.stop_requested() and stopped_by() == signal.SIGTERM, stopped_by()
-print("ok")
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.stdout.strip().endswith("ok"), proc.stderr
