@@ -33,9 +33,8 @@ from slurm_helpers import wait_for
 
 from dtrain.config import ConfigError, load_config
 from dtrain.metrics import read_metrics
-from tests.helpers import FULL_OVERRIDES, FULL_STEPS, last_logged_step, run_dtrain, write_config
+from tests.helpers import FULL_OVERRIDES, FULL_STEPS, REPO, last_logged_step, run_dtrain, write_config
 
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TEST_PROFILE = REPO / "slurm" / "clusters" / "testcluster.yaml"
 H100_PROFILE = REPO / "slurm" / "clusters" / "h100.yaml"
