@@ -1,10 +1,4 @@
-"""Sharded, atomic checkpoints.
-
-Layout of one checkpoint (`<dir>/step-00000040/`):
-    ds/                     DeepSpeed shards: every rank writes its own model/optimizer partition
-    rng/rank-00000.pt ...   RNG states of every rank (dropout draws from them)
-    config.yaml             the resolved config of the run
-    trainer_state.json      step, data position, tokens seen, batch layout; written LAST
+"""Sharded, atomic checkpoints: writing, restoring, pruning (the layout is in dtrain.checkpoint_layout).
 
 All ranks write into `<dir>/.tmp-step-00000040/`; once every rank is done, rank 0 writes trainer_state.json, syncs
 the files to disk and renames the folder to its final name. A rename within one filesystem is atomic, so a folder
@@ -17,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,58 +20,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dtrain.checkpoint_layout import (
+    ENGINE_TAG,
+    STATE_FILE,
+    Progress,
+    checkpoint_name,
+    complete_checkpoints,
+    read_progress,
+)
 from dtrain.config import Config, dump_yaml
-
-STATE_FILE = "trainer_state.json"
-ENGINE_TAG = "ds"
-_NAME = re.compile(r"^step-(\d{8})$")
-
-
-@dataclass
-class Progress:
-    """Where a run stands; the data position is a global sample count, valid on any number of ranks."""
-
-    step: int = 0
-    samples_seen: int = 0
-    tokens_seen: int = 0
-    global_batch_size: int = 0
-    world_size: int = 0
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def read_progress(checkpoint: Path) -> Progress:
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    return Progress(**state["progress"])
-
-
-def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint this run starts from, per checkpoint.resume; raises if `never` would overwrite a run."""
-    directory, mode = cfg.checkpoint_dir, cfg.checkpoint.resume
-    if mode == "auto":
-        found = complete_checkpoints(directory)
-        return found[-1] if found else None
-    if mode == "never":
-        if complete_checkpoints(directory):
-            raise FileExistsError(
-                f"checkpoint.resume is 'never' but {directory} already holds checkpoints; "
-                "use a new output_dir or resume: auto"
-            )
-        return None
-    path = Path(mode)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
-    return path
+from dtrain.fingerprint import run_fingerprints
+from dtrain.strategies.protocol import CheckpointOptions
 
 
 class CheckpointError(RuntimeError):
@@ -88,15 +40,13 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """Decides when to save, writes checkpoints atomically, restores them, prunes old ones."""
 
-    def __init__(
-        self, cfg: Config, rank: int, device: torch.device, save_options: dict[str, Any], load_options: dict[str, Any]
-    ):
+    def __init__(self, cfg: Config, rank: int, device: torch.device, options: CheckpointOptions):
         self.cfg = cfg
         self.rank = rank
         self.device = device
         self.directory = cfg.checkpoint_dir
-        self.save_options = save_options
-        self.load_options = load_options
+        self.save_options = options.save
+        self.load_options = options.load
 
     def should_save(self, step: int, finished: bool, stopping: bool) -> bool:
         return finished or stopping or step % self.cfg.checkpoint.every_steps == 0
@@ -116,7 +66,7 @@ class Checkpointer:
             dist.barrier()
             # Every rank writes its own partition: optimizer state is sharded across ranks.
             engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, client_state={}, save_latest=False, **self.save_options)
-            _atomic_torch_save(_rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
+            save_rng_state(tmp / "rng" / f"rank-{self.rank:05d}.safetensors")
             dist.barrier()
             if self.rank == 0:
                 self._publish(tmp, final, progress)
@@ -128,7 +78,8 @@ class Checkpointer:
     def _publish(self, tmp: Path, final: Path, progress: Progress) -> None:
         """Rank 0, once every rank's shards are written: metadata last, sync, then the atomic rename."""
         (tmp / "config.yaml").write_text(dump_yaml(self.cfg))
-        state = {"progress": asdict(progress), "format": 1}
+        # format 2: RNG states in safetensors; fingerprints of the model, tokenizer and data (dtrain.resume_changes).
+        state = {"progress": asdict(progress), "format": 2, "fingerprints": run_fingerprints(self.cfg)}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         _fsync_tree(tmp)
         if final.exists():  # an incomplete folder of that name (not ours: ours appear only whole) is replaced
@@ -170,9 +121,9 @@ class Checkpointer:
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no engine state in {checkpoint / tag}")
-        rng_file = checkpoint / "rng" / f"rank-{self.rank:05d}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        rng_file = checkpoint / "rng" / f"rank-{self.rank:05d}.safetensors"
+        if rng_file.is_file():  # absent for a rank that did not exist when the checkpoint was saved
+            load_rng_state(rng_file)
         return read_progress(checkpoint)
 
     def _clear_partial(self) -> None:
@@ -217,26 +168,42 @@ def _estimated_bytes(module: torch.nn.Module, save_options: dict[str, Any]) -> i
     return total
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def save_rng_state(path: Path) -> None:
+    """This process's RNG states as safetensors (no pickle: a checkpoint's files are data, never code)."""
+    from safetensors.torch import save_file
+
+    version, mt_state, gauss_next = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {
+        "python": torch.tensor(mt_state, dtype=torch.int64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    metadata = {
+        "python": json.dumps([version, gauss_next]),
+        "numpy": json.dumps([kind, int(position), int(has_gauss), float(cached_gaussian)]),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
-    torch.save(obj, tmp)
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def load_rng_state(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    version, gauss_next = json.loads(metadata["python"])
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss_next))
+    kind, position, has_gauss, cached_gaussian = json.loads(metadata["numpy"])
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
 
 
 def _fsync_tree(root: Path) -> None:

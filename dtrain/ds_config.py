@@ -6,6 +6,7 @@ from typing import Any
 
 from dtrain.config import Config, OffloadConfig
 from dtrain.layout import BatchLayout
+from dtrain.tables import OPTIMIZERS
 
 
 def build_deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: bool = False) -> dict[str, Any]:
@@ -23,7 +24,7 @@ def build_deepspeed_config(cfg: Config, layout: BatchLayout, load_universal: boo
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
-    if cfg.train.optimizer == "adamw_deepspeed":
+    if OPTIMIZERS[cfg.train.optimizer].library == "deepspeed":
         # DeepSpeed picks its CPU Adam under optimizer offload and its fused Adam on GPU.
         config["optimizer"] = {
             "type": "AdamW",

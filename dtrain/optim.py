@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from dtrain.config import TrainConfig
+from dtrain.tables import OPTIMIZERS
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -19,17 +20,13 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(train: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer | None:
-    if train.optimizer == "adamw_deepspeed":
+    spec = OPTIMIZERS[train.optimizer]
+    if spec.library == "deepspeed":
         return None
     groups = [g for g in parameter_groups(model, train.weight_decay) if g["params"]]
     kwargs = {"lr": train.lr, "betas": tuple(train.adam_betas), "eps": train.adam_eps}
-    if train.optimizer == "adamw_torch":
+    if spec.library == "torch":
         return torch.optim.AdamW(groups, **kwargs)
     import bitsandbytes as bnb
 
-    cls = {
-        "adamw_8bit": bnb.optim.AdamW8bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-    }[train.optimizer]
-    return cls(groups, **kwargs)
+    return getattr(bnb.optim, spec.bnb_class)(groups, **kwargs)

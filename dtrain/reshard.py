@@ -2,42 +2,28 @@
 
 ZeRO partitions optimizer state (and, at stage 3, parameters) by rank, so shards written by N ranks cannot be
 loaded by M. DeepSpeed's `ds_to_universal` rewrites them per parameter; the engine then re-partitions on load.
-The converted copy is cached as `<checkpoint>/universal/`, built in `<checkpoint>/.tmp-universal/` and renamed when
+The converted copy is cached as `<checkpoint>/universal/`, built in a temporary folder beside it and renamed when
 complete, so a crash during conversion leaves the checkpoint as it was and the next launch converts again.
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dtrain.checkpoint import ENGINE_TAG, Progress
-
-UNIVERSAL_TAG = "universal"
-
-
-def needs_universal(saved: Progress, world_size: int, zero_stage: int) -> bool:
-    """Stage 0 keeps whole optimizer state in one file, loadable anywhere; ZeRO stages partition it by rank."""
-    return zero_stage >= 1 and saved.world_size != world_size
+from dtrain.build_once import build_once
+from dtrain.checkpoint_layout import ENGINE_TAG, UNIVERSAL_TAG
 
 
-def ensure_universal(checkpoint: Path, rank: int, timeout_s: float) -> None:
-    """Rank 0 converts (if not cached); the other ranks wait for the folder to appear. The wait polls the file
-    system rather than running a collective, so a long conversion cannot trip a collective timeout."""
+def ensure_universal(checkpoint: Path, rank: int, grace_s: float) -> None:
+    """Rank 0 converts (if not cached); the other ranks wait for the folder through dtrain.build_once: a long
+    conversion cannot trip a collective timeout, and a failed one stops them at once."""
     final = checkpoint / UNIVERSAL_TAG
-    if rank == 0 and not final.is_dir():
-        convert(checkpoint)
-    deadline = time.monotonic() + timeout_s
-    while not final.is_dir():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: {final} did not appear within {timeout_s:.0f}s (conversion on rank 0)")
-        time.sleep(1.0)
+    build_once(final, lambda staging: convert(checkpoint, staging), is_builder=rank == 0, grace_s=grace_s)
 
 
 def unshare_step_counters(optimizer: Any) -> None:
@@ -50,10 +36,8 @@ def unshare_step_counters(optimizer: Any) -> None:
             state["step"] = state["step"].clone()
 
 
-def convert(checkpoint: Path) -> None:
-    staging = checkpoint / ".tmp-universal"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+def convert(checkpoint: Path, staging: Path) -> None:
+    """ds_to_universal of `<checkpoint>/ds` into `staging` (renamed to `<checkpoint>/universal` by build_once)."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -73,6 +57,9 @@ def convert(checkpoint: Path) -> None:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed:\n{proc.stderr[-4000:]}")
-    # ds_to_universal writes a `latest_universal` pointer beside its output folder: it stays behind in staging.
-    (staging / UNIVERSAL_TAG).rename(checkpoint / UNIVERSAL_TAG)
-    shutil.rmtree(staging, ignore_errors=True)
+    # ds_to_universal writes its tensors under the output folder and a `latest_universal` pointer beside it: the
+    # pointer is dropped, the tensors become the staging folder's content.
+    for item in (staging / UNIVERSAL_TAG).iterdir():
+        item.rename(staging / item.name)
+    (staging / UNIVERSAL_TAG).rmdir()
+    (staging / "latest_universal").unlink(missing_ok=True)

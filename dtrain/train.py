@@ -18,10 +18,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
 
-    from dtrain.config import load_config
+    import os
+
+    from dtrain.config import ConfigError
+    from dtrain.preflight import Launch, preflight
+
+    # The launcher ran the same checks; a rank repeats them (cheap: files only) because a Slurm requeue or a hand-run
+    # torchrun starts ranks without any launcher, and a config or checkpoint may have changed since.
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    nnodes = max(1, int(os.environ.get("WORLD_SIZE", 1)) // per_node)
+    try:
+        cfg = preflight(args.config, args.overrides, Launch(nnodes, per_node)).cfg
+    except ConfigError as e:
+        print(f"dtrain: {e}", file=sys.stderr, flush=True)
+        return 2
+
     from dtrain.dist import compute_init
 
-    cfg = load_config(args.config, args.overrides)
     env = compute_init(cfg.deepspeed.timeout_minutes)
 
     from dtrain.checkpoint import CheckpointError
@@ -32,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as e:  # the checkpoint folder changed between the launcher's check and this rank's
+        print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
+        return 2
     import torch.distributed as dist
 
     dist.destroy_process_group()

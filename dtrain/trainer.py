@@ -10,18 +10,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dtrain.checkpoint import ENGINE_TAG, Checkpointer, Progress, read_progress, resolve_resume
+from dtrain import strategies
+from dtrain.checkpoint import Checkpointer
+from dtrain.checkpoint_layout import ENGINE_TAG, UNIVERSAL_TAG, Progress
 from dtrain.config import Config
 from dtrain.data import PreparedData, collate, prepare_data
 from dtrain.dist import DistEnv
 from dtrain.ds_config import build_deepspeed_config
-from dtrain.layout import BatchLayout
 from dtrain.metrics import MetricsLogger
-from dtrain.model import strategy_for
 from dtrain.optim import build_optimizer
 from dtrain.order import DataOrder, rank_micro_batches
 from dtrain.preemption import StopFlag
-from dtrain.reshard import UNIVERSAL_TAG, ensure_universal, needs_universal, unshare_step_counters
+from dtrain.reshard import ensure_universal, unshare_step_counters
+from dtrain.resume import plan_resume
 from dtrain.schedule import lr_factor
 
 
@@ -37,9 +38,8 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.cfg, self.env = cfg, env
-        self.resume_from = resolve_resume(cfg)
-        saved = read_progress(self.resume_from) if self.resume_from else None
-        self.layout = BatchLayout.from_config(cfg.train, env.world_size, saved.global_batch_size if saved else None)
+        self.resume = plan_resume(cfg, env.world_size)
+        self.layout = self.resume.layout
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
         self.data: PreparedData = prepare_data(cfg, self.tokenizer, rank=env.rank, world_size=env.world_size)
         lengths = self.data.train.lengths if cfg.data.group_by_length else None
@@ -50,12 +50,12 @@ class Trainer:
                 f"({self.layout.global_batch_size}); add data or lower the batch size"
             )
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.order.steps_per_epoch)
-        self.universal = saved is not None and needs_universal(saved, env.world_size, cfg.deepspeed.stage)
-        if self.universal:
-            ensure_universal(self.resume_from, env.rank, timeout_s=cfg.deepspeed.timeout_minutes * 60)
-        ds_config = build_deepspeed_config(cfg, self.layout, load_universal=self.universal)
+        if self.resume.universal:
+            ensure_universal(self.resume.checkpoint, env.rank, grace_s=cfg.deepspeed.timeout_minutes * 60)
+        ds_config = build_deepspeed_config(cfg, self.layout, load_universal=self.resume.universal)
         torch.manual_seed(cfg.train.seed)
-        built = strategy_for(cfg)(cfg, env, ds_config)
+        strategy = strategies.get(cfg.strategy)
+        built = strategy.build(cfg, env, ds_config)
         self._keepalive = built.keepalive
         optimizer = build_optimizer(cfg.train, built.module)
         self.engine, *_ = deepspeed.initialize(
@@ -65,7 +65,7 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.train, self.total_steps)),
             config=ds_config,
         )
-        self.checkpointer = Checkpointer(cfg, env.rank, env.device, built.save_options, built.load_options)
+        self.checkpointer = Checkpointer(cfg, env.rank, env.device, strategy.checkpoint)
         self.stop_flag = StopFlag(env.device)
 
     # -- the loop ------------------------------------------------------------------------------------------------
@@ -138,19 +138,21 @@ class Trainer:
     # -- helpers -------------------------------------------------------------------------------------------------
 
     def _start(self) -> Progress:
-        if self.resume_from is None:
+        checkpoint, universal = self.resume.checkpoint, self.resume.universal
+        if checkpoint is None:
             return Progress(global_batch_size=self.layout.global_batch_size, world_size=self.env.world_size)
-        tag = UNIVERSAL_TAG if self.universal else ENGINE_TAG
-        progress = self.checkpointer.load(self.engine, self.resume_from, tag)
-        if self.universal:
+        progress = self.checkpointer.load(self.engine, checkpoint, UNIVERSAL_TAG if universal else ENGINE_TAG)
+        if universal:
             unshare_step_counters(self.engine.optimizer)
         if self.env.is_main:
-            print(f"resumed from {self.resume_from} at step {progress.step}", flush=True)
+            print(f"resumed from {checkpoint} at step {progress.step}", flush=True)
+            for change in self.resume.changes:
+                print(f"  changed since the checkpoint: {change}", flush=True)
             if progress.world_size != self.env.world_size:
                 print(
                     f"world size {progress.world_size} -> {self.env.world_size}: global batch "
                     f"{self.layout.global_batch_size} kept with {self.layout.gradient_accumulation_steps} "
-                    f"accumulation steps{' (universal checkpoint)' if self.universal else ''}",
+                    f"accumulation steps{' (universal checkpoint)' if universal else ''}",
                     flush=True,
                 )
         progress.world_size = self.env.world_size

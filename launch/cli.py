@@ -9,9 +9,10 @@ import sys
 
 from dtrain_launch.export_cmd import add_export_parser
 from dtrain_launch.submit_cmd import add_submit_parsers
-from dtrain_launch.validate import fit_report, load_for_launch, resume_plan
+from dtrain_launch.validate import fit_report
 
-from dtrain.config import Config, ConfigError
+from dtrain.config import ConfigError
+from dtrain.preflight import Launch, Preflight, preflight
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +69,8 @@ def _hardware_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _hardware(args: argparse.Namespace):
-    from dtrain.plan import Hardware, parse_size
+    from dtrain.plan.hardware import Hardware
+    from dtrain.units import parse_size
 
     if args.gpus_per_node is None:
         return None
@@ -82,18 +84,17 @@ def _hardware(args: argparse.Namespace):
         raise ConfigError([f"hardware: {e}"]) from e
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_for_launch(args.config, args.overrides, getattr(args, "nodes", 1))
+def _preflight(args: argparse.Namespace, nproc_per_node: int = 1) -> Preflight:
+    return preflight(args.config, args.overrides, Launch(getattr(args, "nodes", 1), nproc_per_node))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from dtrain.ds_config import build_deepspeed_config
-    from dtrain.layout import BatchLayout
 
-    cfg = _load(args)
     hardware = _hardware(args)
-    per_node = args.nproc or (hardware.gpus_per_node if hardware else 1)
-    layout = BatchLayout.from_config(cfg.train, per_node * args.nodes)
+    per_node = args.nproc if args.nproc is not None else (hardware.gpus_per_node if hardware else 1)
+    checked = _preflight(args, per_node)
+    cfg, layout = checked.cfg, checked.resume.layout
     fit = fit_report(cfg, layout, hardware)
     ds = cfg.deepspeed
     print(f"{args.config}: OK")
@@ -106,8 +107,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"  deepspeed    ZeRO-{ds.stage}, optimizer offload {ds.offload_optimizer.device}, "
         f"parameter offload {ds.offload_param.device}, optimizer {cfg.train.optimizer}"
     )
-    start = resume_plan(cfg, layout)
-    print(f"  checkpoints  {cfg.checkpoint_dir} every {cfg.checkpoint.every_steps} steps; {start}")
+    print(f"  checkpoints  {cfg.checkpoint_dir} every {cfg.checkpoint.every_steps} steps; {checked.resume.describe()}")
+    for change in checked.resume.changes:
+        print(f"               changed since the checkpoint: {change}")
     print(f"  tensorboard  {cfg.tensorboard_dir}")
     print(f"  memory       {fit[0] if fit else 'not checked (give --gpus-per-node --gpu-mem --cpu-mem)'}")
     for line in fit[1:]:
@@ -121,10 +123,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from dtrain.plan import plan_command
+    from dtrain.plan.report import plan_command
 
-    cfg = _load(args)
     hw = _hardware(args)
+    cfg = _preflight(args, hw.gpus_per_node).cfg
     print(plan_command(cfg, hw.nodes, hw.gpus_per_node, hw.gpu_mem_bytes, hw.cpu_mem_bytes, hw.nvme_bytes))
     return 0
 
@@ -133,7 +135,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from dtrain.data import DataError, prepare_command
 
     try:
-        print(prepare_command(_load(args)))
+        print(prepare_command(_preflight(args).cfg))
     except DataError as e:
         print(f"dtrain prepare: {e}", file=sys.stderr)
         return 2
@@ -143,10 +145,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dtrain_launch.torchrun import run, torchrun_command
 
-    cfg = _load(args)
-    from dtrain.layout import BatchLayout
-
-    BatchLayout.from_config(cfg.train, args.nproc)  # batch arithmetic errors before any process starts
+    _preflight(args, args.nproc)  # everything `dtrain check` checks, before any process starts
     cmd, env = torchrun_command(args.config, args.overrides, args.nproc)
     print("+ " + shlex.join(cmd), flush=True)
     run(cmd, env)
@@ -154,9 +153,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError([f"{out}: exists and is not empty; choose a new folder"])
+    import os
+    import shutil
+
     from dtrain.tiny import make_tiny_model
 
-    print(make_tiny_model(args.out))
+    staging = out.absolute().with_name(f".tmp-{out.name}-{os.getpid()}")
+    try:
+        make_tiny_model(staging)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(out)
     return 0
 
 

@@ -3,6 +3,9 @@ process group, no torchrun.
 
     dtrain export runs/tiny-lora --adapter out/adapter --merged out/merged
     dtrain export runs/tiny-full-zero3 --checkpoint step-00000040 --hf out/hf --dtype bf16
+
+Every kind asked for is checked before anything is written; each is written into a temporary folder and renamed
+when complete.
 """
 
 from __future__ import annotations
@@ -10,6 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+KINDS = {
+    "adapter": "lora/qlora: adapter in PEFT format",
+    "merged": "lora/qlora: base + adapter merged (HF format)",
+    "hf": "full: ZeRO shards consolidated (HF format)",
+}
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,9 +32,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument(
         "--checkpoint", default=None, help="step-XXXXXXXX, a step number, or a path (default: the newest complete one)"
     )
-    parser.add_argument("--adapter", type=Path, metavar="OUT", help="lora/qlora: adapter in PEFT format")
-    parser.add_argument("--merged", type=Path, metavar="OUT", help="lora/qlora: base + adapter merged (HF format)")
-    parser.add_argument("--hf", type=Path, metavar="OUT", help="full: ZeRO shards consolidated (HF format)")
+    for kind, help_text in KINDS.items():
+        parser.add_argument(f"--{kind}", type=Path, metavar="OUT", help=help_text)
     parser.add_argument(
         "--dtype",
         choices=["auto", "bf16", "fp16", "fp32"],
@@ -39,26 +47,31 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if not (args.adapter or args.merged or args.hf):
+    outputs = {kind: getattr(args, kind) for kind in KINDS if getattr(args, kind) is not None}
+    if not outputs:
         print("dtrain export: nothing to do: pass --adapter, --merged and/or --hf", file=sys.stderr)
+        return 2
+    from dtrain.units import parse_size
+
+    try:
+        max_shard_bytes = parse_size(args.max_shard_size)
+    except ValueError as e:
+        print(f"dtrain export: --max-shard-size: {e}", file=sys.stderr)
         return 2
     from dtrain.dist import select_accelerator
 
     select_accelerator()  # before deepspeed is imported (its checkpoint reader is used, its engine is not)
     from dtrain import export
     from dtrain.config import ConfigError
+    from dtrain.safe_load import UnsafeCheckpoint
+    from dtrain.strategies.protocol import ExportOptions
 
+    options = ExportOptions(args.dtype, max_shard_bytes, args.model)
     try:
         checkpoint = export.find_checkpoint(args.run, args.checkpoint)
         print(f"exporting {checkpoint}", flush=True)
-        results = []
-        if args.adapter:
-            results.append(export.export_adapter(checkpoint, args.adapter, args.model))
-        if args.merged:
-            results.append(export.export_merged(checkpoint, args.merged, args.dtype, args.max_shard_size, args.model))
-        if args.hf:
-            results.append(export.export_hf(checkpoint, args.hf, args.dtype, args.max_shard_size, args.model))
-    except (export.ExportError, ConfigError) as e:
+        results = export.export_checkpoint(checkpoint, outputs, options)
+    except (export.ExportError, ConfigError, UnsafeCheckpoint) as e:
         print(f"dtrain export: {e}", file=sys.stderr)
         return 2
     for result in results:

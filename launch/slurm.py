@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.config import Config, ConfigError, load_typed
-from dtrain.plan import Hardware, parse_size
+from dtrain.plan.hardware import Hardware
+from dtrain.units import parse_size
 
 RECORDS = "jobs.jsonl"
 REQUEUE_LINE = "dtrain: checkpoint saved; requeueing"  # printed by rank 0 of a job; `dtrain status` counts these
@@ -189,8 +190,12 @@ def plan_job(cfg: Config, profile: ClusterProfile, nodes: int | None, workdir: P
         raise ConfigError([f"--nodes: must be >= 1, got {nodes}"])
     run_dir = (workdir / cfg.output_dir).resolve()
     job_name = f"dtrain-{run_dir.name}"
-    tasks = profile.tasks_per_node or profile.gpus_per_node
-    return JobPlan(run_dir, nodes, tasks, job_name, executor_parameters(profile, nodes, job_name))
+    return JobPlan(run_dir, nodes, tasks_per_node(profile), job_name, executor_parameters(profile, nodes, job_name))
+
+
+def tasks_per_node(profile: ClusterProfile) -> int:
+    """Ranks per node: one per GPU unless the profile says (CPU-only clusters)."""
+    return profile.tasks_per_node or profile.gpus_per_node
 
 
 def executor_parameters(profile: ClusterProfile, nodes: int, job_name: str) -> dict[str, Any]:
@@ -198,7 +203,7 @@ def executor_parameters(profile: ClusterProfile, nodes: int, job_name: str) -> d
     params: dict[str, Any] = {
         "job_name": job_name,
         "nodes": nodes,
-        "ntasks_per_node": profile.tasks_per_node or profile.gpus_per_node,
+        "ntasks_per_node": tasks_per_node(profile),
         "time": profile.time_limit_min,
         "signal_delay_s": profile.signal_lead_s,  # --signal=USR2@lead
         "partition": profile.partition,

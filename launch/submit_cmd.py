@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dtrain_launch.validate import fit_report, load_for_launch, resume_plan
+from dtrain_launch.validate import fit_report
 
 from dtrain.config import ConfigError
 
@@ -46,17 +46,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from dtrain_launch.slurm_job import TrainJob
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-    from dtrain.layout import BatchLayout
+    from dtrain.preflight import Launch, preflight
 
     # Everything is checked before anything reaches sbatch: the config (as `dtrain check`), the profile, the
     # batch arithmetic for this many ranks, and where the run would start from.
     profile = slurm.load_profile(args.cluster)
     nodes = profile.nodes if args.nodes is None else args.nodes
-    cfg = load_for_launch(args.config, args.overrides, nodes)
+    checked = preflight(args.config, args.overrides, Launch(nodes, slurm.tasks_per_node(profile), local=False))
+    cfg, layout = checked.cfg, checked.resume.layout
     workdir = Path.cwd()
     plan = slurm.plan_job(cfg, profile, args.nodes, workdir)
-    layout = BatchLayout.from_config(cfg.train, plan.world_size)
-    start = resume_plan(cfg, layout)
+    start = checked.resume.describe()
     fit = fit_report(cfg, layout, slurm.hardware(profile, plan.nodes)) or [
         "not checked (the profile gives no gpu_mem / node_mem)"
     ]

@@ -71,7 +71,7 @@ def saving(ckpts: Path) -> bool:
 
 
 def converting(ckpts: Path) -> bool:
-    return ckpts.is_dir() and any(ckpts.glob("step-*/.tmp-universal"))
+    return ckpts.is_dir() and any(ckpts.glob("step-*/.tmp-universal-*"))
 
 
 def wait_until(predicate, proc: subprocess.Popen, timeout: float) -> bool:

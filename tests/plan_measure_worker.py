@@ -38,7 +38,7 @@ def build_model(cfg: Config, ds_config: dict):
     if cfg.strategy == "lora":
         from peft import get_peft_model
 
-        from dtrain.adapters import peft_config
+        from dtrain.strategies.peft_adapters import peft_config
 
         model = get_peft_model(model, peft_config(cfg.lora))
     return model, keepalive

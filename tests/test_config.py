@@ -110,11 +110,13 @@ def test_check_refuses_a_run_that_cannot_fit(monkeypatch):
 
 
 def test_readme_config_reference_is_current():
-    from dtrain.config import reference_markdown
+    from dtrain.config.reference import reference_markdown
 
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- config-reference:start -->\n")[1].split("<!-- config-reference:end -->")[0]
-    assert block == reference_markdown(), "README config reference is stale: regenerate with python -m dtrain.config"
+    assert block == reference_markdown(), (
+        "README config reference is stale: regenerate with python -m dtrain.config.reference"
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,23 @@ import json
 
 import pytest
 
-from dtrain.config import config_from_dict
+from dtrain.config import config_from_dict, zero_layout_problems
+from dtrain.config.deepspeed import OFFLOAD_DEVICES, ZERO_STAGES
 from dtrain.ds_config import build_deepspeed_config
 from dtrain.layout import BatchLayout
 
 COMBOS = [
-    (stage, opt, param)
-    for stage, opt, param in itertools.product([0, 1, 2, 3], ["none", "cpu", "nvme"], ["none", "cpu", "nvme"])
-    if not (param != "none" and stage != 3) and not (opt != "none" and stage == 0)
+    combo
+    for combo in itertools.product(ZERO_STAGES, OFFLOAD_DEVICES, OFFLOAD_DEVICES)
+    if not zero_layout_problems(*combo)
 ]
+
+
+def test_the_layout_rule_admits_the_16_combinations_deepspeed_runs():
+    assert len(COMBOS) == 16
+    assert ("deepspeed.offload_param.device: parameter offload needs deepspeed.stage 3, got 2",) == tuple(
+        zero_layout_problems(2, "none", "cpu")
+    )
 
 
 def make_cfg(stage, opt, param, **train):

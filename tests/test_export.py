@@ -17,17 +17,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dtrain.checkpoint import STATE_FILE
+from dtrain.checkpoint_layout import STATE_FILE
 from dtrain.config import Config, DatasetConfig, dump_yaml
-from dtrain.export import (
-    ExportError,
-    export_adapter,
-    export_hf,
-    export_merged,
-    find_checkpoint,
-    parse_size,
-    write_sharded,
-)
+from dtrain.export import ExportError, export_checkpoint, find_checkpoint, write_sharded
+from dtrain.strategies.protocol import ExportOptions
 from tests.adapters.runs import STEPS, shared_runs
 from tests.helpers import REPO, run_dtrain
 
@@ -39,11 +32,6 @@ def export_cmd(*args: str) -> subprocess.CompletedProcess:
 
 # ---------------------------------------------------------------------------------------------------------------
 # No training needed
-
-
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("200KB") == 200_000 and parse_size("1MiB") == 2**20
-    assert parse_size(123) == 123 and parse_size("77") == 77
 
 
 def test_write_sharded_holds_one_shard_in_memory_at_a_time(tmp_path):
@@ -106,7 +94,7 @@ def _adapter_checkpoint(root: Path, tiny_model: Path, module: dict[str, torch.Te
 
 
 def _expected(tiny_model: Path) -> dict[str, tuple[int, ...]]:
-    from dtrain.adapters import expected_adapter_shapes
+    from dtrain.strategies.peft_adapters import expected_adapter_shapes
 
     cfg = Config(strategy="lora")
     cfg.model.path = str(tiny_model)
@@ -118,7 +106,7 @@ def test_an_adapter_with_empty_tensors_is_refused_and_nothing_written(tmp_path, 
     expected = _expected(tiny_model)
     checkpoint = _adapter_checkpoint(tmp_path, tiny_model, {name: torch.empty(0) for name in expected})
     with pytest.raises(ExportError, match="refusing to write a broken adapter") as error:
-        export_adapter(checkpoint, tmp_path / "out")
+        export_checkpoint(checkpoint, {"adapter": tmp_path / "out"}, ExportOptions())
     assert str(error.value).count("empty tensor (0,)") == 16
     assert not (tmp_path / "out").exists()
 
@@ -131,18 +119,19 @@ def test_an_adapter_with_misshaped_or_missing_tensors_is_refused(tmp_path, tiny_
     del module[second]
     checkpoint = _adapter_checkpoint(tmp_path, tiny_model, module)
     with pytest.raises(ExportError) as error:
-        export_merged(checkpoint, tmp_path / "out")
+        export_checkpoint(checkpoint, {"merged": tmp_path / "out"}, ExportOptions())
     assert f"{first}: shape (64, 16), expected (16, 64)" in str(error.value)
     assert f"{second}: missing from the checkpoint" in str(error.value)
 
 
 def test_each_export_refuses_the_other_strategy(tmp_path, tiny_model):
     lora = _adapter_checkpoint(tmp_path / "a", tiny_model, {})
-    with pytest.raises(ExportError, match="--hf is for strategy full; this run is lora"):
-        export_hf(lora, tmp_path / "out")
+    with pytest.raises(ExportError, match="--hf is not for strategy lora; this run exports --adapter, --merged"):
+        export_checkpoint(lora, {"hf": tmp_path / "out"}, ExportOptions())
     full = _adapter_checkpoint(tmp_path / "b", tiny_model, {}, strategy="full")
-    with pytest.raises(ExportError, match="for strategy lora/qlora; this run is full"):
-        export_adapter(full, tmp_path / "out")
+    with pytest.raises(ExportError, match="--adapter is not for strategy full; this run exports --hf"):
+        export_checkpoint(full, {"adapter": tmp_path / "out"}, ExportOptions())
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,8 +161,7 @@ def exported(tmp_path_factory, tiny_model):
     }
     # In this process too: the same functions the command calls.
     qlora_ckpt = find_checkpoint(runs.run("qlora-z3"))
-    export_adapter(qlora_ckpt, out / "qlora-adapter")
-    export_merged(qlora_ckpt, out / "qlora-merged")
+    export_checkpoint(qlora_ckpt, {"adapter": out / "qlora-adapter", "merged": out / "qlora-merged"}, ExportOptions())
     specs = {
         "lora-adapter": f"adapter:{tiny_model}:{out / 'lora-adapter'}",
         "lora-merged": f"hf:{out / 'lora-merged'}",

@@ -14,26 +14,22 @@ import pytest
 import torch
 import yaml
 
-from dtrain.config import LoraConfig, QuantizationConfig, config_from_dict, load_config
+from dtrain import strategies
+from dtrain.config import Config, LoraConfig, QuantizationConfig, config_from_dict, load_config
 from dtrain.layout import BatchLayout
-from dtrain.plan import (
-    Choice,
-    Hardware,
-    ModelShape,
-    ZeroChoice,
-    activation_bytes,
-    fit_problems,
-    format_bytes,
-    load_model_shape,
-    lora_linear_params,
-    lora_targets,
-    lora_trainable_params,
-    model_states,
-    param_counts,
-    parse_size,
-    plan_command,
-)
+from dtrain.plan.choices import Choice
+from dtrain.plan.hardware import Hardware
+from dtrain.plan.memory import ZeroChoice, activation_bytes, model_states
+from dtrain.plan.report import fit_problems, plan_command
+from dtrain.plan.shape import ModelShape, load_model_shape, lora_linear_params, lora_targets, lora_trainable_params
+from dtrain.units import format_bytes, parse_size
 from tests.helpers import REPO, set_key
+
+
+def param_counts(shape, strategy: str, lora: LoraConfig, quant: QuantizationConfig):
+    """What the strategy tells the planner it holds."""
+    return strategies.get(strategy).plan_terms(shape, Config(strategy=strategy, lora=lora, quantization=quant)).counts
+
 
 LLAMA3_8B, LLAMA3_70B = REPO / "configs/models/llama-3-8b", REPO / "configs/models/llama-3-70b"
 FULL_70B, QLORA_8B = REPO / "configs/llama3-70b-full-zero3-offload.yaml", REPO / "configs/llama3-8b-qlora.yaml"
@@ -118,7 +114,7 @@ def test_lora_trainable_count_equals_peft(case):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from dtrain.adapters import peft_config
+    from dtrain.strategies.peft_adapters import peft_config
 
     model_type, overrides, lora = LORA_CASES[case]
     config = hf_config(model_type, **overrides)
@@ -271,18 +267,6 @@ def test_activation_formula_matches_cpu_peak(case):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Plans, verdicts and the CLI entry points
-
-
-def test_parse_size():
-    assert parse_size("80GB") == 80 * 10**9
-    assert parse_size("1TB") == 10**12
-    assert parse_size("24GiB") == 24 * 2**30
-    assert parse_size("1.5 TB") == 1_500_000_000_000
-    assert parse_size("512G") == 512 * 2**30  # bare letters are binary, as Slurm's --mem
-    assert parse_size("1000") == 1000
-    for bad in ("", "80 gigs", "GB", "-1GB"):
-        with pytest.raises(ValueError):
-            parse_size(bad)
 
 
 def test_shipped_configs_load():

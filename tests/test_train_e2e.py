@@ -35,7 +35,10 @@ def test_reference_run_writes_checkpoints_metrics_and_tensorboard(reference):
     assert steps == ["step-00000004", "step-00000008", "step-00000012"]
     for ckpt in steps:
         folder = reference / "checkpoints" / ckpt
-        assert sorted(p.name for p in (folder / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
+        assert sorted(p.name for p in (folder / "rng").iterdir()) == [
+            "rank-00000.safetensors",
+            "rank-00001.safetensors",
+        ]
         assert (folder / "config.yaml").is_file()
     losses = read_metrics(reference)
     assert sorted(losses) == list(range(1, STEPS + 1))

@@ -1,10 +1,7 @@
-"""The on-disk cache of prepared data: its key, and one writer while every other rank waits.
+"""The on-disk cache of prepared data: where it is and its key (hash of everything that changes the result).
 
-Rank 0 prepares under a file lock (so two jobs sharing a cache never prepare the same data at once) and publishes
-the result by renaming a finished temporary folder: a cache folder that exists is complete. Other ranks poll for
-it. No torch.distributed collective is involved, so an hour of tokenization cannot trip a collective timeout.
-If rank 0 fails it leaves `<key>.failed` with its error, and the waiting ranks raise it instead of waiting forever.
-The cache folder must be on storage every node sees (like checkpoints).
+Rank 0 prepares it and the other ranks wait for it through dtrain.build_once (no collective; a rank-0 failure
+reaches them at once). The cache folder must be on storage every node sees (like checkpoints).
 """
 
 from __future__ import annotations
@@ -12,19 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
-import os
-import shutil
-import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
-
-from filelock import FileLock
-
-from dtrain.data.errors import DataError
-
-log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the prepared layout or any tokenization rule changes
 DONE_FILE = "report.json"  # written last inside the temporary folder; the rename publishes it
@@ -78,56 +63,3 @@ def cache_key(cfg, tokenizer) -> str:
 
 def is_complete(folder: Path) -> bool:
     return (folder / DONE_FILE).is_file()
-
-
-def build_once(folder: Path, build: Callable[[Path], None], rank: int, poll_s: float = 1.0) -> bool:
-    """Make sure `folder` holds a finished cache; rank 0 builds it with `build(tmp_folder)`. True if it existed."""
-    if rank == 0:
-        return _build_as_writer(folder, build)
-    return _wait_for_writer(folder, poll_s)
-
-
-def _failed_marker(folder: Path) -> Path:
-    return folder.with_name(folder.name + ".failed")
-
-
-def _build_as_writer(folder: Path, build: Callable[[Path], None]) -> bool:
-    if is_complete(folder):
-        return True
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _failed_marker(folder).unlink(missing_ok=True)
-    with FileLock(str(folder.with_name(folder.name + ".lock"))):
-        if is_complete(folder):  # another job finished it while we waited for the lock
-            return True
-        tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            build(tmp)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            _write_atomic(_failed_marker(folder), f"{type(e).__name__}: {e}")
-            raise
-        shutil.rmtree(folder, ignore_errors=True)  # only a foreign, incomplete folder can be here
-        os.rename(tmp, folder)
-    return False
-
-
-def _wait_for_writer(folder: Path, poll_s: float) -> bool:
-    start, last_note = time.time(), time.time()
-    while not is_complete(folder):
-        failed = _failed_marker(folder)
-        # A marker older than this wait (minus clock skew between nodes) belongs to an earlier run.
-        if failed.is_file() and failed.stat().st_mtime >= start - 60:
-            raise DataError(f"rank 0 failed to prepare the data ({folder}): {failed.read_text()}")
-        if time.time() - last_note > 300:
-            log.info("still waiting for rank 0 to prepare %s (the cache dir must be on shared storage)", folder)
-            last_note = time.time()
-        time.sleep(poll_s)
-    return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

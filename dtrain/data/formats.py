@@ -44,6 +44,8 @@ def make_example(ids: list[int], trained: list[bool]) -> Example:
 
 def get_text(row: dict[str, Any], name: str, *, required: bool = True, allow_empty: bool = False) -> str:
     value = row.get(name)
+    if value is None and name in row and required:
+        raise RowError("missing field", f"field {name!r} is null")
     if value is None:
         if required:
             raise RowError("missing field", f"missing field {name!r} (fields present: {', '.join(map(str, row))})")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dtrain.data.cache import DONE_FILE, build_once, cache_key, cache_root
+from dtrain.build_once import BuildFailed, build_once
+from dtrain.data.cache import DONE_FILE, cache_key, cache_root, is_complete
 from dtrain.data.errors import DataError, RowError
 from dtrain.data.formats import IGNORE, Example, chat_example, instruction_example, text_example
 from dtrain.data.packing import best_fit_decreasing
@@ -46,7 +47,15 @@ def prepare_data(cfg, tokenizer, *, rank: int, world_size: int) -> PreparedData:
     world_size is accepted for symmetry with the trainer; the split across ranks is the trainer's (global order).
     """
     folder = cache_root(cfg) / cache_key(cfg, tokenizer)
-    hit = build_once(folder, lambda tmp: write_prepared(tmp, *build_prepared(cfg, tokenizer)), rank)
+    try:
+        hit = build_once(
+            folder,
+            lambda tmp: write_prepared(tmp, folder, *build_prepared(cfg, tokenizer)),
+            is_builder=rank == 0,
+            is_complete=is_complete,
+        )
+    except BuildFailed as e:
+        raise DataError(f"rank 0 failed to prepare the data: {e}") from e
     prepared = load_prepared(folder)
     prepared.report.cache_hit = hit
     return prepared
@@ -60,11 +69,14 @@ def prepare_command(cfg) -> str:
     return str(prepare_data(cfg, tokenizer, rank=0, world_size=1).report)
 
 
-def write_prepared(folder: Path, train: Samples, eval_samples: Samples | None, report: PrepareReport) -> None:
+def write_prepared(
+    folder: Path, final: Path, train: Samples, eval_samples: Samples | None, report: PrepareReport
+) -> None:
+    """Into `folder`, which is renamed to `final` once complete."""
     train.save(folder, "train")
     if eval_samples is not None:
         eval_samples.save(folder, "eval")
-    report.cache_path = str(folder.with_name(folder.name.split(".tmp-")[0]))
+    report.cache_path = str(final)
     (folder / DONE_FILE).write_text(json.dumps(report.to_dict(), indent=1))  # last: marks the folder complete
 
 

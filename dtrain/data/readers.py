@@ -28,6 +28,8 @@ def read_rows(path: str | Path) -> Iterator[RowOrError]:
     elif suffix == ".json":
         yield from _read_json(path)
     elif suffix in (".parquet", ".csv"):
+        if suffix == ".csv" and (problem := _csv_problem(path)):
+            raise DataError(f"{path}:{problem[0]}: {problem[1]}")
         yield from _read_with_datasets(path, suffix[1:])
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, .csv)")
@@ -81,6 +83,22 @@ def _read_json(path: Path) -> Iterator[RowOrError]:
         where = f"{path} record {number}"
         ok = isinstance(row, dict)
         yield where, row if ok else RowError("not an object", f"expected a JSON object, got {type(row).__name__}")
+
+
+def _csv_problem(path: Path) -> tuple[int, str] | None:
+    """(line, problem) of the first malformed CSV record: the parser behind `datasets` reads an unclosed quote to
+    the end of the file as one field, or fails without a line number."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1
+        try:
+            for _ in reader:
+                start = reader.line_num + 1
+        except csv.Error as e:
+            return start, f"malformed CSV record starting here: {e}"
+    return None
 
 
 def _read_with_datasets(path: Path, kind: str) -> Iterator[RowOrError]:

@@ -93,12 +93,12 @@ def base_differences(cfg, frozen: dict[str, torch.Tensor]) -> list[str]:
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from dtrain.adapters import bnb_config
-    from dtrain.model import DTYPES
+    from dtrain.strategies.qlora import bnb_config
+    from dtrain.tables import torch_dtype
 
     unset_hf_deepspeed_config()  # else this one-rank load would partition collectively under ZeRO-3 and hang
     kwargs = {"quantization_config": bnb_config(cfg)} if cfg.strategy == "qlora" else {}
-    fresh = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.train.precision], **kwargs)
+    fresh = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch_dtype(cfg.train.precision), **kwargs)
     fresh_params = dict(fresh.named_parameters())
     differs = []
     for name, tensor in frozen.items():

@@ -10,22 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain.adapters import (
-    LOAD_OPTIONS,
-    SAVE_OPTIONS,
-    adapter_problems,
-    add_adapters,
-    bnb_config,
-    build_lora,
-    build_qlora,
-    count_parameters,
-    disable_cpu_weight_repacking,
-    peft_config,
-    planned_report,
-    qlora_layout_problems,
-)
+from dtrain import strategies
 from dtrain.config import Config, LoraConfig, config_from_dict
 from dtrain.dist import DistEnv
+from dtrain.strategies.lora import ADAPTER_CHECKPOINT
+from dtrain.strategies.peft_adapters import (
+    add_adapters,
+    count_parameters,
+    peft_config,
+    planned_report,
+    target_problems,
+)
+from dtrain.strategies.qlora import bnb_config, disable_cpu_weight_repacking
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
 STAGE0 = {"zero_optimization": {"stage": 0}}
@@ -93,17 +89,17 @@ def test_llama3_8b_shaped_report_from_config_alone(llama3_8b):
 
 def test_unknown_target_module_and_module_to_save_are_named(tiny_model, llama3_8b):
     cfg = adapter_cfg(tiny_model, target_modules=["q_proj", "query_key_value", "act_fn"], modules_to_save=["head"])
-    problems = adapter_problems(cfg)
+    problems = target_problems(cfg)
     assert len(problems) == 3
     assert problems[0].startswith("lora.target_modules[1]: 'query_key_value' is no module of this LlamaForCausalLM")
     assert "gate_proj" in problems[0] and "all-linear" in problems[0]
     assert problems[1].startswith("lora.target_modules[2]: 'act_fn' is a SiLUActivation")
     assert problems[2].startswith("lora.modules_to_save[0]: 'head' is no module")
-    assert adapter_problems(adapter_cfg(tiny_model, target_modules="all-linear", modules_to_save=["lm_head"])) == []
-    assert adapter_problems(adapter_cfg(llama3_8b, "qlora")) == []
+    assert target_problems(adapter_cfg(tiny_model, target_modules="all-linear", modules_to_save=["lm_head"])) == []
+    assert target_problems(adapter_cfg(llama3_8b, "qlora")) == []
     full = adapter_cfg(tiny_model, target_modules=["nope"])
     full.strategy = "full"
-    assert adapter_problems(full) == []
+    assert strategies.get("full").model_problems(full) == []
 
 
 def test_rank_zero_and_qlora_across_nodes_are_refused_naming_the_key(tiny_model):
@@ -115,11 +111,12 @@ def test_rank_zero_and_qlora_across_nodes_are_refused_naming_the_key(tiny_model)
     with pytest.raises(ValueError, match=r"lora\.r: must be > 0, got 0"):
         config_from_dict(raw, check_paths=False)
     cfg = adapter_cfg(tiny_model, "qlora")
-    assert qlora_layout_problems(cfg, nnodes=1) == []
-    (problem,) = qlora_layout_problems(cfg, nnodes=2)
+    qlora, lora = strategies.get("qlora"), strategies.get("lora")
+    assert qlora.layout_problems(cfg, nnodes=1) == []
+    (problem,) = qlora.layout_problems(cfg, nnodes=2)
     assert problem.startswith("strategy: qlora runs on a single node") and "2 nodes" in problem
     cfg.strategy = "lora"
-    assert qlora_layout_problems(cfg, nnodes=4) == []
+    assert lora.layout_problems(cfg, nnodes=4) == []
 
 
 def test_cpu_workaround_is_applied_on_cpu_only():
@@ -194,9 +191,8 @@ def test_build_qlora_gradient_checkpointing_gives_the_same_losses(tiny_model, tm
     for checkpointing in (False, True):
         cfg.model.gradient_checkpointing = checkpointing
         torch.manual_seed(0)
-        built = build_qlora(cfg, CPU, STAGE0)
-        assert built.save_options == SAVE_OPTIONS and built.load_options == LOAD_OPTIONS
-        model = built.module
+        model = strategies.get("qlora").build(cfg, CPU, STAGE0).module
+        assert strategies.get("qlora").checkpoint == ADAPTER_CHECKPOINT
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
         layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
         assert len(layers) == 14 and not any(m.support_avx512bf16_for_cpu for m in layers)
@@ -214,6 +210,6 @@ def test_lora_trains_with_bitsandbytes_optimizers(tiny_model, tmp_path, optimize
     # r=64: adapter tensors of 4,096+ elements, which bitsandbytes keeps in 8 bit (smaller ones stay 32-bit)
     cfg = adapter_cfg(tiny_model, "lora", tmp=tmp_path, target_modules="all-linear", r=64, alpha=128)
     cfg.train.optimizer, cfg.train.lr = optimizer, 1e-2
-    model = build_lora(cfg, CPU, STAGE0).module
+    model = strategies.get("lora").build(cfg, CPU, STAGE0).module
     losses = _three_steps(model, cfg)
     assert losses[-1] < losses[0]

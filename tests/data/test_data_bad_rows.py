@@ -59,6 +59,15 @@ CASES = [
     ("messages_string.jsonl", "chat", ['{"messages": "hello"}'], 1, "is a string that is not a JSON list"),
     ("empty_reply.jsonl", "chat", [chat(("user", "a"), ("assistant", " "))], 1, "message 1: empty assistant reply"),
     ("broken.json", "text", ['[{"text": "a"},', '{"text": "b"', "]"], 3, "malformed JSON: Expecting ',' delimiter"),
+    ("null_text.jsonl", "text", [GOOD_TEXT, '{"text": null}'], 2, "field 'text' is null"),
+    ("unclosed.csv", "text", ["text", '"good"', '"bad, unclosed', '"x"'], 3, "malformed CSV record starting here"),
+    ("no_instruction.jsonl", "instruction", ['{"output": "x"}'], 1, "missing field 'instruction'"),
+    ("number_input.jsonl", "instruction", ['{"instruction": "a", "input": 5, "output": "b"}'], 1, "field 'input'"),
+    ("message_not_object.jsonl", "chat", ['{"messages": ["hi"]}'], 1, "message 0: expected an object, got str"),
+    ("role_not_string.jsonl", "chat", ['{"messages": [{"role": 1, "content": "x"}]}'], 1, "field 'role' must be"),
+    ("messages_number.jsonl", "chat", ['{"messages": 5}'], 1, "field 'messages' must be a list, got int"),
+    ("no_messages.jsonl", "chat", ['{"conv": []}'], 1, "missing field 'messages' (fields present: conv)"),
+    ("trailing_garbage.jsonl", "text", ['{"text": "a"} x'], 1, "malformed JSON: Extra data"),
 ]
 
 
@@ -79,7 +88,7 @@ def test_bad_file_error_names_file_line_and_problem(tmp_path, make_cfg, tokenize
 def test_bad_csv_row_names_the_row(tmp_path, make_cfg, tokenizer):
     path = tmp_path / "bad.csv"
     path.write_text("text,other\nfine,1\n,2\n")
-    with pytest.raises(DataError, match=r"bad\.csv row 2: missing field 'text'"):
+    with pytest.raises(DataError, match=r"bad\.csv row 2: field 'text' is null"):
         prepare_data(make_cfg((path, "text")), tokenizer, rank=0, world_size=1)
 
 

@@ -1,8 +1,9 @@
-"""LoRA and QLoRA: peft adapters on a frozen base, the base either bf16/fp32 (lora) or 4-bit NF4 (qlora).
+"""LoRA adapters with peft, shared by the lora and qlora strategies: adding them, checking their targets against
+the model, counting what they train, and exporting them (PEFT adapter folder, or merged into the base).
 
 Both strategies train only the adapter (plus `lora.modules_to_save`), so checkpoints exclude the frozen base:
-DeepSpeed writes the adapter, its optimizer state and the scheduler; dtrain.checkpoint adds RNG (LoRA dropout draws
-from it) and the data position. The base comes back from `model.path` on resume and at export.
+DeepSpeed writes the adapter, its optimizer state and the scheduler; dtrain.checkpoint adds RNG (LoRA dropout
+draws from it) and the data position. The base comes back from `model.path` on resume and at export.
 
 Checks that need the model's shape (which modules exist) read config.json and build the model on the meta device:
 no weights are loaded, so `dtrain check` runs them on a login node for an 8B model in seconds (mostly imports).
@@ -12,88 +13,25 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dtrain.config import Config, LoraConfig
-from dtrain.dist import DistEnv
-from dtrain.model import DTYPES, BuiltModel, load_pretrained
+from dtrain.export import ExportError, ExportResult, copy_tokenizer, export_dtype, lazy_engine_tensors, peak_rss_mb
+from dtrain.strategies.loading import meta_model
+from dtrain.strategies.protocol import ExportOptions
+from dtrain.tables import torch_dtype
+
+if TYPE_CHECKING:
+    from dtrain.config import Config, LoraConfig
+    from dtrain.dist import DistEnv
 
 REPORT_FILE = "trainable_parameters.json"
-# DeepSpeed saves only what requires grad. Loading is not strict: the frozen base is absent from the checkpoint, and
-# bitsandbytes' quant-state entries (absmax, quant_map, ...), should a checkpoint hold them, make DeepSpeed's strict
-# load fail with "Unexpected key(s)". The base is rebuilt from model.path, so nothing is lost.
-SAVE_OPTIONS = {"exclude_frozen_parameters": True}
-LOAD_OPTIONS = {"load_module_strict": False}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _ADAPTABLE = ("Linear", "Linear4bit", "Embedding", "Conv1D", "Conv1d", "Conv2d")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Building the model of a rank
-
-
-def build_lora(cfg: Config, env: DistEnv, ds_config: dict[str, Any]) -> BuiltModel:
-    """The base in the training precision (partitioned at load under ZeRO-3), adapters on top."""
-    model, keepalive = load_pretrained(cfg, env, ds_config)
-    model = add_adapters(model, cfg)
-    report_trainable(model, cfg, env)
-    return BuiltModel(model, save_options=dict(SAVE_OPTIONS), load_options=dict(LOAD_OPTIONS), keepalive=keepalive)
-
-
-def build_qlora(cfg: Config, env: DistEnv, ds_config: dict[str, Any]) -> BuiltModel:
-    """The base quantized to 4 bit while loading, prepared for k-bit training, adapters on top.
-
-    transformers does not partition a quantized model at load time, so every rank loads the (small) 4-bit base;
-    under ZeRO-3, DeepSpeed partitions it in `deepspeed.initialize`.
-    """
-    from peft import prepare_model_for_kbit_training
-
-    kwargs: dict[str, Any] = {"quantization_config": bnb_config(cfg)}
-    if env.device.type == "cuda" and ds_config["zero_optimization"]["stage"] < 3:
-        kwargs["device_map"] = {"": env.device.index}  # bitsandbytes quantizes on the GPU; ZeRO-3 refuses device_map
-    model, keepalive = load_pretrained(cfg, env, ds_config, **kwargs)
-    disable_cpu_weight_repacking(model, env.device)
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
-    model = add_adapters(model, cfg)
-    keep_only_tensors_in_state_dict(model)
-    report_trainable(model, cfg, env)
-    return BuiltModel(model, save_options=dict(SAVE_OPTIONS), load_options=dict(LOAD_OPTIONS), keepalive=keepalive)
-
-
-def keep_only_tensors_in_state_dict(model: torch.nn.Module) -> None:
-    """Drop bitsandbytes' quant-state entries (absmax, quant_map, nested_*) from the model's state dict.
-
-    They describe the frozen 4-bit base (~1/64 of its size: ~110 MB for an 8B model), which DeepSpeed's
-    `exclude_frozen_parameters` does not recognise as frozen because they are not parameters. The base is
-    re-quantized from model.path on resume (quantization is deterministic), so checkpoints need only the adapter.
-    """
-    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
-
-    def drop_extras(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in names]:
-            del state_dict[key]
-
-    model.register_state_dict_post_hook(drop_extras)
-
-
-def bnb_config(cfg: Config) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    q = cfg.quantization
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
-    )
 
 
 def peft_config(lora: LoraConfig, base_model_path: str | None = None) -> Any:
@@ -122,24 +60,6 @@ def add_adapters(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     if cfg.model.gradient_checkpointing:
         peft_model.config.use_cache = False
     return peft_model
-
-
-def disable_cpu_weight_repacking(model: torch.nn.Module, device: torch.device) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights in place on CPUs with AVX512-BF16; returns layers changed.
-
-    On such CPUs a `Linear4bit` in eval/no-grad mode rewrites its weight into a CPU-only packed layout. After that,
-    training silently loses input gradients (an eval pass corrupts every later step), ZeRO-3's partitioned 4-bit
-    weights are overwritten, and layers with out-features not a multiple of 32 assert. The flag only exists for the
-    CPU kernel, so it is left alone on GPUs.
-    """
-    if device.type != "cpu":
-        return 0
-    from bitsandbytes.nn import Linear4bit
-
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-    return len(layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,18 +117,6 @@ def planned_report(cfg: Config) -> ParameterReport:
     return count_parameters(meta_peft_model(cfg))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The model's shape without its weights
-
-
-def meta_model(model_path: str | Path) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
 def meta_peft_model(cfg: Config) -> torch.nn.Module:
     """Base + adapters on the meta device: the names and shapes of every adapter tensor, no memory."""
     from peft import get_peft_model
@@ -226,9 +134,9 @@ def expected_adapter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 # Problems a config can have that only the model (or the launch layout) reveals: reported by `dtrain check`.
 
 
-def adapter_problems(cfg: Config) -> list[str]:
-    """Target modules and modules_to_save that this model does not have, each naming its key; [] for full."""
-    if cfg.strategy == "full" or not (Path(cfg.model.path) / "config.json").is_file():
+def target_problems(cfg: Config) -> list[str]:
+    """Target modules and modules_to_save that this model does not have, each naming its key."""
+    if not (Path(cfg.model.path) / "config.json").is_file():
         return []  # a missing model directory is reported by the config validation
     try:
         model = meta_model(cfg.model.path)
@@ -254,16 +162,6 @@ def adapter_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def qlora_layout_problems(cfg: Config, nnodes: int) -> list[str]:
-    """qlora is single-node: the 4-bit base is loaded whole on every rank and bitsandbytes' quantized weights are
-    not sharded across nodes."""
-    if cfg.strategy == "qlora" and nnodes > 1:
-        return [
-            f"strategy: qlora runs on a single node, but the launch asks for {nnodes} nodes (use nnodes 1, or lora)"
-        ]
-    return []
-
-
 def _matches(module_name: str, target: str) -> bool:
     return module_name == target or module_name.endswith("." + target)
 
@@ -271,3 +169,74 @@ def _matches(module_name: str, target: str) -> bool:
 def _is_adaptable(module: torch.nn.Module) -> bool:
     # On the meta device a qlora base is still nn.Linear: bitsandbytes swaps those for Linear4bit at load.
     return type(module).__name__ in _ADAPTABLE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def adapter_tensors(cfg: Config, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained adapter (engine names), in the training dtype, checked against the shapes the model implies.
+
+    Raises ExportError listing every missing, unexpected, empty or mis-shaped tensor: a ZeRO-3 save that was not
+    gathered writes `[0]`-shaped tensors without complaint, and such an adapter must never reach a user.
+    """
+    expected = expected_adapter_shapes(cfg)
+    lazy, _, _ = lazy_engine_tensors(checkpoint)
+    found = {name: t for name, t in lazy.items() if name in expected or ".lora_" in name or "modules_to_save" in name}
+    problems = [f"{name}: missing from the checkpoint" for name in expected if name not in found]
+    problems += [f"{name}: not part of this adapter config" for name in found if name not in expected]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in (n for n in expected if n in found):
+        tensor = found[name].contiguous()
+        if tensor.numel() == 0:
+            problems.append(f"{name}: empty tensor {tuple(tensor.shape)} (an ungathered ZeRO-3 partition?)")
+        elif tuple(tensor.shape) != expected[name]:
+            problems.append(f"{name}: shape {tuple(tensor.shape)}, expected {expected[name]}")
+        else:
+            tensors[name] = tensor.to(torch_dtype(cfg.train.precision))
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ExportError(f"{checkpoint}: refusing to write a broken adapter:\n{lines}")
+    return tensors
+
+
+def export_adapter(checkpoint: Path, cfg: Config, out: Path) -> ExportResult:
+    """adapter_config.json + adapter_model.safetensors, loadable by `PeftModel.from_pretrained`."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    tensors = adapter_tensors(cfg, checkpoint)
+    # PEFT's file names drop the adapter name ("lora_A.default.weight" -> "lora_A.weight").
+    peft_names = get_peft_model_state_dict(meta_peft_model(cfg), state_dict=tensors)
+    peft_config(cfg.lora, str(Path(cfg.model.path).resolve())).save_pretrained(str(out))
+    save_file({k: v.contiguous() for k, v in peft_names.items()}, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return ExportResult(out, ["adapter_config.json", ADAPTER_WEIGHTS], len(peft_names), peak_rss_mb())
+
+
+def export_merged(
+    checkpoint: Path, cfg: Config, out: Path, options: ExportOptions, load_base: Callable[[Config], torch.nn.Module]
+) -> ExportResult:
+    """Base + adapter with the adapter folded into the weights, as a standard HF model folder. `load_base` gives
+    the fp32 base the adapter was trained against."""
+    from peft import get_peft_model
+
+    tensors = adapter_tensors(cfg, checkpoint)
+    model = get_peft_model(load_base(cfg), peft_config(cfg.lora, cfg.model.path))
+    result = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    if result.unexpected_keys:
+        raise ExportError(f"adapter does not fit the model: unexpected {result.unexpected_keys}")
+    merged = model.merge_and_unload()
+    cast_parameters(merged, export_dtype(options.dtype, cfg.model.path))
+    merged.save_pretrained(str(out), max_shard_size=options.max_shard_bytes, safe_serialization=True)
+    copy_tokenizer(cfg, out)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    return ExportResult(out, files, len(merged.state_dict()), peak_rss_mb())
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters only: `model.to(bf16)` would also round buffers such as rotary `inv_freq` and shift logits."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+    model.config.dtype = dtype

@@ -1,0 +1,55 @@
+"""Where checkpoints live and what makes one complete; read by the trainer, the launcher's checks, export and status
+without importing torch.
+
+Layout of one checkpoint (`<dir>/step-00000040/`):
+    ds/                     DeepSpeed shards: every rank writes its own model/optimizer partition
+    rng/rank-00000.pt ...   RNG states of every rank (dropout draws from them)
+    config.yaml             the resolved config of the run
+    trainer_state.json      step, data position, tokens seen, batch layout; written LAST
+    universal/              DeepSpeed's universal checkpoint, converted from ds/ when resuming on another world size
+
+A folder named `step-*` that holds trainer_state.json is complete; `.tmp-*` and `.deleting-*` folders never are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_FILE = "trainer_state.json"
+ENGINE_TAG = "ds"
+UNIVERSAL_TAG = "universal"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class Progress:
+    """Where a run stands; the data position is a global sample count, valid on any number of ranks."""
+
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    global_batch_size: int = 0
+    world_size: int = 0
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return bool(_NAME.match(checkpoint.name)) and (checkpoint / STATE_FILE).is_file()
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.iterdir() if is_complete(p)), key=lambda p: p.name)
+
+
+def read_progress(checkpoint: Path) -> Progress:
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    return Progress(**state["progress"])

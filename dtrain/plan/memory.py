@@ -1,0 +1,213 @@
+"""Memory of one configuration in five parts (parameters, gradients, optimizer states, activations, buffers), per
+GPU, per node's CPU RAM and per node's NVMe. Model states equal DeepSpeed's own estimators (a test compares them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from dtrain.plan.shape import DECODER_LINEARS, ModelShape, ParamCounts
+from dtrain.tables import OPTIMIZERS
+
+# DeepSpeed's estimators multiply host memory by this "additional_buffer_factor" (pinned staging, fragmentation).
+DS_HOST_BUFFER_FACTOR = 1.5
+# Rough allowances DeepSpeed's model-state estimate leaves out. Not measurable on our CPU-only machines: they are
+# deliberately round numbers, listed under "buffers" so a user can see and discount them.
+CUDA_RUNTIME_BYTES = 1_000_000_000  # per GPU process: CUDA context, cuBLAS workspace, NCCL channels
+HOST_RUNTIME_BYTES = 3_000_000_000  # per rank in CPU RAM: Python, torch/CUDA libraries, data loader
+# DeepSpeed defaults that size the NVMe swap buffers (runtime/zero/offload_config.py, runtime/zero/config.py).
+DS_SUB_GROUP_SIZE = 1_000_000_000
+DS_OPTIMIZER_SWAP_BUFFERS = 4
+DS_PARAM_SWAP_BUFFERS = 5
+DS_PARAM_SWAP_BUFFER_ELEMENTS = 100_000_000
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    params: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    buffers: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.buffers
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    def __add__(self, other: Breakdown) -> Breakdown:
+        return Breakdown(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)))
+
+    def scaled(self, factor: float) -> Breakdown:
+        return Breakdown(*(a * factor for a in dataclasses.astuple(self)))
+
+
+@dataclass(frozen=True)
+class Placement:
+    gpu: Breakdown = Breakdown()
+    """Per GPU (per rank)."""
+    cpu: Breakdown = Breakdown()
+    """CPU RAM per node."""
+    nvme: Breakdown = Breakdown()
+    """NVMe per node."""
+
+    def __add__(self, other: Placement) -> Placement:
+        return Placement(self.gpu + other.gpu, self.cpu + other.cpu, self.nvme + other.nvme)
+
+
+@dataclass(frozen=True)
+class ZeroChoice:
+    stage: int
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+
+
+def model_states(
+    counts: ParamCounts,
+    zero: ZeroChoice,
+    nodes: int,
+    gpus_per_node: int,
+    precision: str = "bf16",
+    optimizer: str = "adamw_torch",
+    buffer_factor: float = DS_HOST_BUFFER_FACTOR,
+) -> Placement:
+    """Parameters, gradients and optimizer states under a ZeRO stage and offload; totals equal DeepSpeed's estimators.
+
+    Per trained element in bf16 with 32-bit Adam: 2 B 16-bit weight; 2 B 16-bit gradient; 12 B optimizer (fp32 master
+    4 + two moments 8); on the GPU, DeepSpeed's estimator also reserves the fp32 gradient made at step time: 4 B in
+    stages 0-2, 2 B in stage 3 (one sub-group at a time), shown as buffers. With the optimizer offloaded, gradients
+    land in an fp32 host partition (4 B); ZeRO-3 also keeps its 16-bit gradient partition on the host (2 B, measured;
+    DeepSpeed's estimator leaves it out). Stage 1 partitions the optimizer, stage 2 also the gradients, stage 3 also
+    the weights; stage 0 (bf16) keeps everything on every rank. ZeRO-3 adds the largest layer gathered (16-bit weight
+    + gradient, 4 B/element). Host memory is DeepSpeed's count times `buffer_factor` (its additional_buffer_factor)
+    and covers the load peak — stages 0-2 materialize the whole model on every rank of a node (fp32 in DeepSpeed's
+    estimate), ZeRO-3 (zero.Init) one layer — or what is resident, if more. Frozen elements are 16-bit weights only;
+    a QLoRA base is counted whole on every GPU, because transformers loads 4-bit models unsharded. DeepSpeed's stage-2
+    estimator ignores `num_nodes` for host memory; here each node holds only its ranks' partitions (equal for one)."""
+    world = nodes * gpus_per_node
+    weight = 2 if precision == "bf16" else 4
+    trained, frozen = counts.trainable, counts.frozen
+    master = 0 if (precision != "bf16" and zero.stage == 0) else 4  # ZeRO always keeps a separate fp32 partition
+    step_buffer = (4 if zero.stage < 3 else 2) if precision == "bf16" else 0
+    share = 1 if zero.stage == 0 else world  # ranks sharing the optimizer state
+    grad_share = world if zero.stage >= 2 else 1
+    param_share = world if zero.stage == 3 else 1
+
+    # A QLoRA base (4-bit and dense parts) is loaded whole on every GPU; other frozen weights partition like the rest.
+    frozen_share = 1 if counts.quantized_bytes else param_share
+    gpu_params = weight * trained / param_share + weight * frozen / frozen_share + counts.quantized_bytes
+    optimizer = (master + OPTIMIZERS[optimizer].state_bytes) * trained / share
+    where_params = zero.offload_param if zero.stage == 3 else "none"
+    where_optimizer = zero.offload_optimizer if zero.stage > 0 else "none"
+    rank = _place(Placement(), "params", where_params, gpu_params)
+    host_grads16 = 0.0
+    if where_optimizer == "none":
+        rank = _place(rank, "grads", "none", weight * trained / grad_share)
+        rank = _place(rank, "buffers", "none", step_buffer * trained / share)
+    else:
+        rank = _place(rank, "grads", "none", weight * trained if zero.stage == 1 else 0.0)
+        rank = _place(rank, "grads", where_optimizer, 4 * trained / world)
+        host_grads16 = weight * trained / world if zero.stage == 3 else 0.0
+        rank = _place(rank, "grads", "cpu", host_grads16)
+    rank = _place(rank, "optimizer", where_optimizer, optimizer)
+    if zero.stage == 3:
+        rank = _place(rank, "buffers", "none", 4 * counts.largest_layer)
+
+    per_node = Placement(rank.gpu, rank.cpu.scaled(gpus_per_node), rank.nvme.scaled(gpus_per_node))
+    uncounted = host_grads16 * gpus_per_node
+    return _host_margin(per_node, _load_peak(counts, zero.stage, gpus_per_node), buffer_factor, uncounted)
+
+
+def _place(placement: Placement, part: str, device: str, nbytes: float) -> Placement:
+    where = {"none": "gpu", "cpu": "cpu", "nvme": "nvme"}[device]
+    current = getattr(placement, where)
+    moved = dataclasses.replace(current, **{part: getattr(current, part) + nbytes})
+    return dataclasses.replace(placement, **{where: moved})
+
+
+def _load_peak(counts: ParamCounts, stage: int, gpus_per_node: int) -> float:
+    """Host bytes per node while loading, as DeepSpeed's estimators assume (fp32, every rank of the node).
+
+    A 4-bit base is quantized while it streams to the GPU, so QLoRA has no host-side copy."""
+    if counts.quantized_bytes:
+        return 0.0
+    elements = counts.largest_layer if stage == 3 else counts.trainable + counts.frozen
+    return 4 * elements * gpus_per_node
+
+
+def _host_margin(placement: Placement, load_peak: float, buffer_factor: float, uncounted: float) -> Placement:
+    """Host memory = factor x max(load peak, states as DeepSpeed counts them), at least what is resident; the excess
+    over the resident states is shown as buffers."""
+    resident = placement.cpu.model_states
+    needed = max(resident, buffer_factor * max(load_peak, resident - uncounted))
+    cpu = dataclasses.replace(placement.cpu, buffers=placement.cpu.buffers + needed - resident)
+    return dataclasses.replace(placement, cpu=cpu)
+
+
+def activation_bytes(
+    shape: ModelShape,
+    seq_len: int,
+    micro_batch: int,
+    checkpointing: bool,
+    attn_implementation: str = "sdpa",
+    dtype_bytes: int = 2,
+    adapters: dict[str, tuple[int, int, int]] | None = None,
+    lora_r: int = 0,
+) -> int:
+    """Peak bytes of activations kept for the backward pass on one GPU.
+
+    Source: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models" (34·s·b·h +
+    5·a·s²·b bytes per layer for GPT), redone tensor by tensor for the Hugging Face Llama decoder — SwiGLU MLP,
+    RMSNorm without dropout, rotary embeddings — and checked against the allocation peak of a step on CPU
+    (tests/test_plan.py). Per token and layer, with a = bytes of the compute dtype, q = heads·head_dim,
+    kv = kv_heads·head_dim, i = intermediate size:
+
+    - each of the 2 RMSNorms: 4h (HF upcasts its input to fp32) + a·h (normalized) + a·h (output, also the input of
+      the next projections) + 4 (fp32 rstd); Qwen3's q/k norms likewise on q and kv;
+    - attention: a·q (query after RoPE), 2·a·k for key and value, a·q (output, shared with o_proj's input), 4·heads
+      (fp32 log-sum-exp). flash_attention_2 keeps k = kv; sdpa with a mask (packing or padding) and eager repeat the
+      grouped K/V heads first, k = q. Flash/sdpa kernels keep no s x s scores: Korthikanti's 5·a·s² term is dropped.
+      eager adds (4 + a)·heads·s (fp32 softmax output and its cast copy);
+    - SwiGLU MLP: 4·a·i (gate, SiLU(gate), up, their product = down_proj's input);
+    - each LoRA-adapted projection: 4·in + 4·r (peft keeps adapters in fp32 and casts the input for them).
+    Outside the layers: the final norm, RoPE cos/sin (2·a·head_dim), for sdpa/eager an (s x s) mask per sequence,
+    and the loss. The loss is the peak: transformers upcasts the logits to fp32 for cross-entropy, so forward holds
+    the a·V logits, their fp32 copy and the fp32 log-softmax (a + 8)·V, and backward (dtrain keeps only the loss, so
+    the logits are freed by then) the log-softmax output, its gradient and the logits' fp32 gradient, 12·V —
+    1.5 MB per token for Llama-3's 128k vocabulary, often more than all the layers.
+    With gradient checkpointing each layer keeps only its input (a·h); one layer is recomputed at a time, never
+    while the loss peak is alive, so the peak takes the larger of the two.
+    With a frozen base (LoRA/QLoRA: `adapters` given) autograd keeps no input that only a weight gradient needs: the
+    norms keep 4h + 4 (not their normalized x or output) and the MLP 3·a·i (not down_proj's input); bitsandbytes'
+    4-bit matmul keeps no input either. A micro batch's activations do not partition over ZeRO ranks."""
+    a, h = dtype_bytes, shape.hidden_size
+    layer = _layer_activation_bytes(shape, attn_implementation, a, seq_len, frozen_base=adapters is not None)
+    layer += sum(
+        4 * fan_in + 4 * lora_r for name, (fan_in, _, _) in (adapters or {}).items() if name in DECODER_LINEARS
+    )
+    loss = max(a + 8, 12) * shape.vocab_size
+    kept = shape.num_layers * (a * h if checkpointing else layer)
+    transient = max(loss, layer) if checkpointing else loss
+    mask = {"sdpa": 1, "eager": a}.get(attn_implementation, 0) * seq_len
+    other = (4 + 2 * a) * h + 4 + 2 * a * shape.head_dim + 16 + mask  # final norm, RoPE, input ids + labels, mask
+    return int(micro_batch * seq_len * (kept + transient + other))
+
+
+def _layer_activation_bytes(
+    shape: ModelShape, attn_implementation: str, a: int, seq_len: int, frozen_base: bool
+) -> float:
+    """Bytes per token that one decoder layer keeps for backward (see activation_bytes)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    norm = 4 * h + 4 + (0 if frozen_base else 2 * a * h)
+    kv_saved = kv if attn_implementation == "flash_attention_2" else q
+    attention = 2 * a * q + 2 * a * kv_saved + 4 * shape.num_heads
+    if attn_implementation == "eager":
+        attention += (4 + a) * shape.num_heads * seq_len
+    if shape.qk_norm:
+        attention += (4 + 2 * a) * (q + kv)
+    return 2 * norm + attention + (3 if frozen_base else 4) * a * i

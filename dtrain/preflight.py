@@ -1,0 +1,142 @@
+"""Is this run launchable? The one answer that `dtrain check`, `dtrain train`, `dtrain submit` and every rank's
+entry point get, so that nothing that `check` would refuse ever starts a process or a job.
+
+Everything here reads files only (the config, the model's config.json, the checkpoint folder): no weights are
+loaded and no process group exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dtrain import strategies
+from dtrain.config import Config, ConfigError, load_config
+from dtrain.resume import ResumePlan, plan_resume
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where and how the run will go: nodes x ranks per node."""
+
+    nnodes: int
+    nproc_per_node: int
+    local: bool = True
+    """Started on this machine (dtrain train, a rank): what it lacks, the run lacks. False for submit, where the
+    compute nodes may have what the login node does not (a GPU)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+@dataclass(frozen=True)
+class Preflight:
+    cfg: Config
+    launch: Launch
+    resume: ResumePlan
+
+
+def preflight(config: str, overrides: list[str], launch: Launch) -> Preflight:
+    """Every check, all problems in one ConfigError."""
+    problems = launch_problems(launch)
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems, config) from e
+    strategy = strategies.get(cfg.strategy)
+    problems += strategy.layout_problems(cfg, launch.nnodes)
+    model_problems = model_file_problems(cfg)
+    problems += model_problems
+    if not any(p.startswith("model.path") for p in model_problems):  # builds the model from config.json
+        problems += strategy.model_problems(cfg)
+    problems += attention_problems(cfg, launch)
+    problems += chat_template_problems(cfg)
+    if problems:
+        raise ConfigError(problems, config)
+    try:
+        resume = plan_resume(cfg, launch.world_size)
+    except ConfigError as e:
+        raise ConfigError(e.problems, config) from e
+    return Preflight(cfg, launch, resume)
+
+
+def launch_problems(launch: Launch) -> list[str]:
+    problems = []
+    if launch.nnodes < 1:
+        problems.append(f"--nodes: must be >= 1, got {launch.nnodes}")
+    if launch.nproc_per_node < 1:
+        problems.append(f"--nproc: ranks per node must be >= 1, got {launch.nproc_per_node}")
+    return problems
+
+
+def model_file_problems(cfg: Config) -> list[str]:
+    """What the model's and tokenizer's own files say: code the run would have to execute, too few positions."""
+    config_file = Path(cfg.model.path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        return [f"model.path: {config_file} is not a readable JSON file ({e})"]
+    problems = []
+    if "auto_map" in config:
+        problems.append(
+            f"model.path: {cfg.model.path} needs its own modelling code (auto_map in config.json); dtrain runs "
+            "only architectures that transformers ships and never executes code from a model folder"
+        )
+    tokenizer_config = Path(cfg.tokenizer_path) / "tokenizer_config.json"
+    if tokenizer_config.is_file() and "auto_map" in json.loads(tokenizer_config.read_text() or "{}"):
+        key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
+        problems.append(f"{key}: the tokenizer needs its own code (auto_map in {tokenizer_config}); not supported")
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and cfg.data.seq_len > positions:
+        problems.append(
+            f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_position_embeddings {positions} ({config_file})"
+        )
+    return problems
+
+
+def chat_template_problems(cfg: Config) -> list[str]:
+    """A chat template with a Jinja syntax error is otherwise found only while preparing the data, inside a rank."""
+    if not any(ds.format == "chat" for ds in cfg.data.datasets + cfg.data.eval_datasets):
+        return []
+    key, template = "data.chat_template", cfg.data.chat_template
+    if template is None:
+        key, template = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path", _tokenizer_template(cfg)
+    if template is None or not template.strip():
+        return []  # no template at all: the data layer says how to set one
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        return [f"{key}: line {e.lineno}: {e.message} (chat template syntax)"]
+    return []
+
+
+def _tokenizer_template(cfg: Config) -> str | None:
+    folder = Path(cfg.tokenizer_path)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    config_file = folder / "tokenizer_config.json"
+    template = json.loads(config_file.read_text() or "{}").get("chat_template") if config_file.is_file() else None
+    if isinstance(template, list):  # named templates: the default one is what apply_chat_template uses
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def attention_problems(cfg: Config, launch: Launch) -> list[str]:
+    """flash_attention_2 needs the flash-attn package (and, where the run starts here, a CUDA GPU): without them
+    transformers fails inside every rank, after the job has started."""
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return []
+    if importlib.util.find_spec("flash_attn") is None:
+        return ["model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn)"]
+    if launch.local:
+        import torch
+
+        if not torch.cuda.is_available():
+            return ["model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa on this machine"]
+    return []

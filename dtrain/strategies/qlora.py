@@ -1,0 +1,165 @@
+"""strategy: qlora — peft adapters on a base quantized to 4 bit (bitsandbytes NF4/FP4) while loading; one node.
+
+transformers does not partition a quantized model at load time, so every rank loads the (small) 4-bit base; under
+ZeRO-3, DeepSpeed partitions it in `deepspeed.initialize`. The 4-bit weights cannot be offloaded, and the base is
+not sharded across nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtrain.plan.shape import DECODER_LINEARS, ModelShape, ParamCounts, PlanTerms, lora_targets, nf4_tensor_bytes
+from dtrain.strategies import lora
+from dtrain.strategies.protocol import BuiltModel, ExportOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtrain.config import Config
+    from dtrain.dist import DistEnv
+    from dtrain.export import ExportResult
+
+
+class QLora:
+    name = "qlora"
+    export_kinds = ("adapter", "merged")
+    checkpoint = lora.ADAPTER_CHECKPOINT
+    sections = ("lora", "quantization")
+
+    def config_problems(self, cfg: Config) -> list[str]:
+        return cfg.lora.problems()
+
+    def zero_problems(self, stage: int, offload_optimizer: str, offload_param: str) -> list[str]:
+        if offload_param != "none":
+            return ["deepspeed.offload_param.device: a 4-bit base cannot be offloaded; use none with qlora"]
+        return []
+
+    def model_problems(self, cfg: Config) -> list[str]:
+        return lora.LORA.model_problems(cfg)
+
+    def layout_problems(self, cfg: Config, nnodes: int) -> list[str]:
+        """The 4-bit base is loaded whole on every rank; bitsandbytes' quantized weights are not sharded across
+        nodes."""
+        if nnodes > 1:
+            return [
+                f"strategy: qlora runs on a single node, but the launch asks for {nnodes} nodes (use nnodes 1, or lora)"
+            ]
+        return []
+
+    def build(self, cfg: Config, env: DistEnv, ds_config: dict[str, Any]) -> BuiltModel:
+        """The base quantized while loading, prepared for k-bit training, adapters on top."""
+        from peft import prepare_model_for_kbit_training
+
+        from dtrain.strategies import peft_adapters
+        from dtrain.strategies.loading import load_pretrained
+
+        kwargs: dict[str, Any] = {"quantization_config": bnb_config(cfg)}
+        if env.device.type == "cuda" and ds_config["zero_optimization"]["stage"] < 3:
+            kwargs["device_map"] = {"": env.device.index}  # bnb quantizes on the GPU; ZeRO-3 refuses device_map
+        model, keepalive = load_pretrained(cfg, ds_config, **kwargs)
+        disable_cpu_weight_repacking(model, env.device)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        model = peft_adapters.add_adapters(model, cfg)
+        keep_only_tensors_in_state_dict(model)
+        peft_adapters.report_trainable(model, cfg, env)
+        return BuiltModel(model, keepalive)
+
+    def export(self, kind: str, checkpoint: Path, cfg: Config, out: Path, options: ExportOptions) -> ExportResult:
+        from dtrain.strategies import peft_adapters
+
+        if kind == "adapter":
+            return peft_adapters.export_adapter(checkpoint, cfg, out)
+        return peft_adapters.export_merged(checkpoint, cfg, out, options, load_base=dequantized_base)
+
+    def plan_terms(self, shape: ModelShape, cfg: Config) -> PlanTerms:
+        dims = shape.linear_dims()
+        per_layer = sum(
+            nf4_tensor_bytes(dims[n][0] * dims[n][1], cfg.quantization.double_quant) for n in DECODER_LINEARS
+        )
+        counts = ParamCounts(
+            lora.adapter_params(shape, cfg),
+            lora.frozen_params(shape, cfg) - shape.quantizable_params,
+            shape.num_layers * per_layer,
+            shape.largest_layer_params,
+        )
+        return PlanTerms(
+            counts,
+            cfg.train.optimizer,
+            cfg.quantization.compute_dtype,
+            lora_targets(shape, cfg.lora.target_modules),
+            dequantized_elements=max(math.prod(dims[n]) for n in DECODER_LINEARS),
+        )
+
+
+def bnb_config(cfg: Config) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    from dtrain.tables import torch_dtype
+
+    q = cfg.quantization
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+    )
+
+
+def dequantized_base(cfg: Config) -> torch.nn.Module:
+    """`dequantize()` of the NF4 base, in fp32: the weights the adapter was trained against (the original bf16 ones
+    differ by the quantization, and a merge onto them does not reproduce the trained model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        cfg.model.path, quantization_config=bnb_config(cfg), dtype=torch.float32
+    )
+    disable_cpu_weight_repacking(base, torch.device("cpu"))
+    base = base.dequantize(dtype=torch.float32)
+    base.is_loaded_in_4bit = False
+    return base
+
+
+def keep_only_tensors_in_state_dict(model: torch.nn.Module) -> None:
+    """Drop bitsandbytes' quant-state entries (absmax, quant_map, nested_*) from the model's state dict.
+
+    They describe the frozen 4-bit base (~1/64 of its size: ~110 MB for an 8B model), which DeepSpeed's
+    `exclude_frozen_parameters` does not recognise as frozen because they are not parameters. The base is
+    re-quantized from model.path on resume (quantization is deterministic), so checkpoints need only the adapter.
+    """
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+
+    def drop_extras(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in names]:
+            del state_dict[key]
+
+    model.register_state_dict_post_hook(drop_extras)
+
+
+def disable_cpu_weight_repacking(model: torch.nn.Module, device: torch.device) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights in place on CPUs with AVX512-BF16; returns layers changed.
+
+    On such CPUs a `Linear4bit` in eval/no-grad mode rewrites its weight into a CPU-only packed layout. After that,
+    training silently loses input gradients (an eval pass corrupts every later step), ZeRO-3's partitioned 4-bit
+    weights are overwritten, and layers with out-features not a multiple of 32 assert. The flag only exists for the
+    CPU kernel, so it is left alone on GPUs.
+    """
+    if device.type != "cpu":
+        return 0
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+QLORA = QLora()
