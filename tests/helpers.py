@@ -34,15 +34,22 @@ def set_key(raw: dict, dotted: str, value) -> None:
     node[last] = value
 
 
-def write_config(path: Path, tiny_model: Path, base: str = "configs/tiny-full-zero3.yaml", **keys) -> Path:
-    """The shipped `base` config pointed at `tiny_model`, output in path.parent / "run", with `keys` set
-    (dotted keys: `**{"train.lr": 1e-3}`)."""
+def tiny_config(tiny_model: Path, output_dir: Path, base: str = "configs/tiny-full-zero3.yaml") -> dict:
+    """The shipped `base` config (as the YAML's dict) pointed at `tiny_model` and the bundled data, output in
+    `output_dir`, no progress bar."""
     raw = yaml.safe_load((REPO / base).read_text())
     raw["model"]["path"] = str(tiny_model)
     for ds in raw["data"]["datasets"]:
         ds["path"] = str(REPO / ds["path"])
-    raw["output_dir"] = str(path.parent / "run")
+    raw["output_dir"] = str(output_dir)
     raw["logging"]["progress_bar"] = False
+    return raw
+
+
+def write_config(path: Path, tiny_model: Path, base: str = "configs/tiny-full-zero3.yaml", **keys) -> Path:
+    """tiny_config() with output in path.parent / "run" and `keys` set (dotted: `**{"train.lr": 1e-3}`), written to
+    `path`."""
+    raw = tiny_config(tiny_model, path.parent / "run", base)
     for dotted, value in keys.items():
         set_key(raw, dotted, value)
     path.parent.mkdir(parents=True, exist_ok=True)
