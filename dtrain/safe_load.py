@@ -2,8 +2,8 @@
 
 A checkpoint folder may come from someone else. `torch.load(weights_only=False)` unpickles arbitrary objects, so a
 crafted file runs code on the machine that reads it. Everything dtrain reads outside DeepSpeed's own resume (export,
-plan, check, status) goes through here: torch's weights-only unpickler, allowing the two plain DeepSpeed types its
-ZeRO files hold. DeepSpeed's `load_checkpoint` (resume) unpickles with `weights_only=False` inside DeepSpeed: resuming
+plan, check, status) goes through here: torch's weights-only unpickler, allowing the three plain DeepSpeed types
+its ZeRO files hold (the stage enum, the loss scaler, ZeRO-1/2's fragment addresses). DeepSpeed's `load_checkpoint` (resume) unpickles with `weights_only=False` inside DeepSpeed: resuming
 trusts the checkpoint folder, as any DeepSpeed user does; export never does.
 """
 
@@ -26,8 +26,9 @@ class UnsafeCheckpoint(ValueError):
 def _allowed_globals() -> list[type]:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum]
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def load_untrusted(path: str | Path, mmap: bool = False) -> Any:

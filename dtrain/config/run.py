@@ -165,11 +165,13 @@ def _run_folder_problems(key: str, folder: str | None, model_path: str, required
 
 
 def _name_max(path: Path) -> int:
-    existing = next((p for p in [path.absolute(), *path.absolute().parents] if p.exists()), Path("/"))
-    try:
-        return os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
+    """The longest file name the file system that would hold `path` accepts (255 bytes on most)."""
+    for folder in path.absolute().parents:
+        try:
+            return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):  # not there (yet), or a name in it too long to look up
+            continue
+    return 255
 
 
 def _inside(path: Path, folder: Path) -> bool:
