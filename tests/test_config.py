@@ -2,48 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
-from dtrain_launch.cli import main
 
 from dtrain.config import ConfigError, load_config
+from tests.helpers import REPO, run_dtrain, write_config
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml"))
 
 
-@pytest.fixture
-def base(tmp_path, tiny_model) -> dict:
-    raw = yaml.safe_load((REPO / "configs/tiny-full-zero3.yaml").read_text())
-    raw["model"]["path"] = str(tiny_model)
-    raw["data"]["datasets"][0]["path"] = str(REPO / "data/sample/text.jsonl")
-    raw["output_dir"] = str(tmp_path / "run")
-    return raw
-
-
-def write(tmp_path: Path, raw: dict) -> Path:
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+def dtrain(*args: str):
+    """The CLI in this process: these commands launch nothing (a `train` that tried would fail the test)."""
+    return run_dtrain(*args, in_process=True, check=False)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_shipped_configs_pass_check(path, monkeypatch, capsys):
+def test_shipped_configs_pass_check(path, monkeypatch):
     monkeypatch.chdir(REPO)
     if "tiny" in path.name and not (REPO / "runs/tiny-model/config.json").exists():
-        main(["tiny-model", "runs/tiny-model"])
-    assert main(["check", str(path.relative_to(REPO))]) == 0, capsys.readouterr().err
-    assert "OK" in capsys.readouterr().out
-
-
-def _set(raw: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = raw
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
+        run_dtrain("tiny-model", "runs/tiny-model", in_process=True)
+    result = dtrain("check", str(path.relative_to(REPO)))
+    assert result.returncode == 0, result.stderr
+    assert f"{path.relative_to(REPO)}: OK" in result.stdout
 
 
 BAD = [
@@ -77,28 +56,25 @@ BAD = [
 
 @pytest.mark.parametrize("key,value,message", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
 @pytest.mark.parametrize("command", ["check", "train"])
-def test_bad_config_fails_naming_the_key(tmp_path, base, capsys, key, value, message, command):
-    _set(base, key, value)
-    # `train` would replace this process with torchrun: returning at all proves nothing was launched.
-    assert main([command, str(write(tmp_path, base)), "--nproc", "2"]) == 2
-    err = capsys.readouterr().err
-    assert message in err
+def test_bad_config_fails_naming_the_key(tmp_path, tiny_model, key, value, message, command):
+    config = write_config(tmp_path / "cfg.yaml", tiny_model, **{key: value})
+    result = dtrain(command, str(config), "--nproc", "2")  # a `train` that launched torchrun fails the helper
+    assert result.returncode == 2
+    assert message in result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_all_problems_reported_at_once(tmp_path, base):
-    _set(base, "train.lr", "fast")
-    _set(base, "deepspeed.stage", 7)
-    _set(base, "model.colour", "blue")
+def test_all_problems_reported_at_once(tmp_path, tiny_model):
+    bad = {"train.lr": "fast", "deepspeed.stage": 7, "model.colour": "blue"}
     with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, base))
+        load_config(write_config(tmp_path / "cfg.yaml", tiny_model, **bad))
     keys = [p.split(":")[0] for p in info.value.problems]
     assert {"train.lr", "deepspeed.stage", "model.colour"} <= set(keys)
     assert str(tmp_path / "cfg.yaml") in str(info.value)
 
 
-def test_overrides_apply_and_are_checked(tmp_path, base):
-    path = write(tmp_path, base)
+def test_overrides_apply_and_are_checked(tmp_path, tiny_model):
+    path = write_config(tmp_path / "cfg.yaml", tiny_model)
     cfg = load_config(path, ["train.max_steps=7", "deepspeed.offload_param.device=none", "train.lr=3e-4"])
     assert (cfg.train.max_steps, cfg.deepspeed.offload_param.device, cfg.train.lr) == (7, "none", 3e-4)
     with pytest.raises(ConfigError, match="train.nope: unknown key"):
@@ -107,11 +83,11 @@ def test_overrides_apply_and_are_checked(tmp_path, base):
         load_config(path, ["train.max_steps"])
 
 
-def test_global_batch_not_divisible_is_refused_before_launch(tmp_path, base, capsys):
-    base["train"].pop("gradient_accumulation_steps")
-    base["train"]["global_batch_size"] = 6
-    assert main(["train", str(write(tmp_path, base)), "--nproc", "4"]) == 2
-    assert "train.global_batch_size: train.global_batch_size 6 is not a multiple" in capsys.readouterr().err
+def test_global_batch_not_divisible_is_refused_before_launch(tmp_path, tiny_model):
+    batch = {"train.gradient_accumulation_steps": None, "train.global_batch_size": 6}
+    result = dtrain("train", str(write_config(tmp_path / "cfg.yaml", tiny_model, **batch)), "--nproc", "4")
+    assert result.returncode == 2
+    assert "train.global_batch_size: train.global_batch_size 6 is not a multiple" in result.stderr
 
 
 def test_malformed_yaml_names_the_line(tmp_path):
@@ -121,16 +97,16 @@ def test_malformed_yaml_names_the_line(tmp_path):
         load_config(path)
 
 
-def test_check_refuses_a_run_that_cannot_fit(monkeypatch, capsys):
+def test_check_refuses_a_run_that_cannot_fit(monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = "configs/llama3-70b-full-zero3-offload.yaml"
     hardware = ["--gpus-per-node", "8", "--gpu-mem", "80GB", "--cpu-mem", "1TB"]
-    assert main(["check", cfg, "--nodes", "4", *hardware]) == 0
-    assert "memory       fits" in capsys.readouterr().out
-    assert main(["check", cfg, "--nodes", "1", *hardware]) == 2
-    err = capsys.readouterr().err
-    assert "the run cannot fit" in err and "CPU RAM per node" in err
-    assert main(["check", cfg, "--nodes", "1", *hardware, "--allow-no-fit"]) == 0
+    fits = dtrain("check", cfg, "--nodes", "4", *hardware)
+    assert fits.returncode == 0 and "memory       fits" in fits.stdout
+    too_big = dtrain("check", cfg, "--nodes", "1", *hardware)
+    assert too_big.returncode == 2
+    assert "the run cannot fit" in too_big.stderr and "CPU RAM per node" in too_big.stderr
+    assert dtrain("check", cfg, "--nodes", "1", *hardware, "--allow-no-fit").returncode == 0
 
 
 def test_readme_config_reference_is_current():
@@ -150,18 +126,14 @@ def test_readme_config_reference_is_current():
         ("lora.r=0", "lora.r: must be > 0"),
     ],
 )
-def test_lora_combinations_that_cannot_work_fail_check(tmp_path, tiny_model, capsys, override, message):
-    from tests.helpers import write_config
-
+def test_lora_combinations_that_cannot_work_fail_check(tmp_path, tiny_model, override, message):
     config = write_config(tmp_path / "cfg.yaml", tiny_model, base="configs/tiny-lora.yaml")
-    assert main(["check", str(config), override]) == 2
-    assert message in capsys.readouterr().err
+    result = dtrain("check", str(config), override)
+    assert result.returncode == 2 and message in result.stderr
 
 
-def test_qlora_across_nodes_fails_check(tmp_path, tiny_model, capsys):
-    from tests.helpers import write_config
-
+def test_qlora_across_nodes_fails_check(tmp_path, tiny_model):
     config = write_config(tmp_path / "cfg.yaml", tiny_model, base="configs/tiny-qlora.yaml")
     hardware = ["--gpus-per-node", "1", "--gpu-mem", "24GB", "--cpu-mem", "64GB"]
-    assert main(["check", str(config), "--nodes", "2", *hardware]) == 2
-    assert "strategy: qlora runs on a single node" in capsys.readouterr().err
+    result = dtrain("check", str(config), "--nodes", "2", *hardware)
+    assert result.returncode == 2 and "strategy: qlora runs on a single node" in result.stderr

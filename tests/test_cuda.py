@@ -10,6 +10,7 @@ from tests.helpers import run_dtrain, write_config
 
 pytestmark = [
     pytest.mark.cuda,
+    pytest.mark.slow,  # trainings through the CLI
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 

@@ -22,15 +22,12 @@ from dtrain.config import Config, DatasetConfig, dump_yaml
 from dtrain.export import ExportError, export_checkpoint, find_checkpoint, write_sharded
 from dtrain.strategies.protocol import ExportOptions
 from tests.adapters.runs import STEPS, shared_runs
-from tests.helpers import REPO
+from tests.helpers import REPO, run_dtrain
 
 
 def export_cmd(*args: str) -> subprocess.CompletedProcess:
     """`dtrain export ...` through the real CLI, in a fresh process."""
-    cmd = [sys.executable, "-m", "dtrain_launch.cli", "export", *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-5000:]}"
-    return proc
+    return run_dtrain("export", *args, timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,7 +135,7 @@ def test_each_export_refuses_the_other_strategy(tmp_path, tiny_model):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# From real 2-rank ZeRO-3 runs
+# From real 2-rank ZeRO-3 runs (slow: the tests below all wait for `exported`)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +190,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.mark.slow
 def test_lora_adapter_loads_with_peft_from_pretrained_and_matches_the_engine(exported):
     engine, vanilla = exported["engine"]["lora"], exported["vanilla"]
     files = {p.name for p in (exported["dirs"] / "lora-adapter").iterdir()}
@@ -202,6 +200,7 @@ def test_lora_adapter_loads_with_peft_from_pretrained_and_matches_the_engine(exp
     assert rel(vanilla["base"], engine) > 0.01  # the adapter matters: the check above could not pass without it
 
 
+@pytest.mark.slow
 def test_lora_merged_loads_with_auto_model_and_matches_the_adapter_model(exported):
     vanilla = exported["vanilla"]
     torch.testing.assert_close(vanilla["lora-merged"], vanilla["lora-adapter"], rtol=0, atol=1e-5)
@@ -209,6 +208,7 @@ def test_lora_merged_loads_with_auto_model_and_matches_the_adapter_model(exporte
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
 
 
+@pytest.mark.slow
 def test_qlora_adapter_on_the_4bit_base_matches_the_engine(exported):
     """bf16 compute: the engine (training kernels) and a vanilla 4-bit model (bitsandbytes' inference kernels)
     round differently, ~0.3 %; the adapter moves the logits by far more."""
@@ -218,6 +218,7 @@ def test_qlora_adapter_on_the_4bit_base_matches_the_engine(exported):
     assert rel(vanilla["base-4bit"], engine) > 0.05
 
 
+@pytest.mark.slow
 def test_qlora_merged_onto_the_dequantized_base_matches_the_adapter_model(exported):
     vanilla = exported["vanilla"]
     assert rel(vanilla["qlora-merged"], vanilla["qlora-adapter"]) < 0.01
@@ -226,6 +227,7 @@ def test_qlora_merged_onto_the_dequantized_base_matches_the_adapter_model(export
     assert "quantization_config" not in config  # a plain model: loads without bitsandbytes
 
 
+@pytest.mark.slow
 def test_full_hf_export_is_sharded_and_matches_the_engine(exported):
     out = exported["dirs"] / "full-hf"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -235,6 +237,7 @@ def test_full_hf_export_is_sharded_and_matches_the_engine(exported):
     torch.testing.assert_close(exported["vanilla"]["full-hf"], exported["engine"]["full"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_full_bf16_export_casts_parameters_only(exported):
     out = exported["dirs"] / "full-bf16"
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

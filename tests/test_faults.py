@@ -4,7 +4,11 @@ The long version: python bench/fault_injection.py --trials 20"""
 
 from __future__ import annotations
 
-from bench.fault_injection import run_trials
+import pytest
+
+from tests.fault_trials import run_trials
+
+pytestmark = pytest.mark.slow  # three killed-and-resumed 2-rank runs
 
 
 def test_kills_at_any_moment_never_leave_an_unresumable_or_different_run(tmp_path, tiny_model, full_reference):

@@ -12,23 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from dtrain_launch.cli import main
 
 from dtrain.checkpoint_layout import STATE_FILE, checkpoint_name
 from dtrain.config import dump_yaml
 from dtrain.fingerprint import run_fingerprints
+from tests.helpers import REPO, run_dtrain, set_key, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER = str(REPO / "slurm/clusters/testcluster.yaml")
 
 
 @pytest.fixture
 def base(tmp_path, tiny_model) -> dict:
-    raw = yaml.safe_load((REPO / "configs/tiny-full-zero3.yaml").read_text())
-    raw["model"]["path"] = str(tiny_model)
-    raw["data"]["datasets"] = [{"path": str(REPO / "data/sample/text.jsonl")}]
-    raw["output_dir"] = str(tmp_path / "run")
-    return raw
+    return tiny_config(tiny_model, tmp_path / "run")
 
 
 def write(tmp_path: Path, raw: dict, name: str = "cfg.yaml") -> Path:
@@ -37,12 +32,9 @@ def write(tmp_path: Path, raw: dict, name: str = "cfg.yaml") -> Path:
     return path
 
 
-def put(raw: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = raw
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
+def dtrain(*argv: str):
+    """The CLI in this process (a `train` that tried to launch torchrun fails the test): exit code, stdout, stderr."""
+    return run_dtrain(*argv, in_process=True, check=False)
 
 
 def lora(raw: dict) -> None:
@@ -104,7 +96,7 @@ BAD: list[tuple[str, object, str, Callable | None]] = [
         "deepspeed.offload_param.device",
         "cpu",
         "a 4-bit base cannot be offloaded",
-        lambda r: put(r, "strategy", "qlora"),
+        lambda r: set_key(r, "strategy", "qlora"),
     ),
     ("deepspeed.stage", 0, "optimizer offload needs deepspeed.stage >= 1", None),
     ("deepspeed.offload_param.nvme_path", "/nvme", "only used with device nvme", None),
@@ -150,54 +142,55 @@ BAD: list[tuple[str, object, str, Callable | None]] = [
 def _bad_config(tmp_path: Path, tiny_model: Path, base: dict, key: str, value, edit) -> Path:
     if edit:
         edit(base)
-    put(base, key, value(tmp_path, tiny_model) if callable(value) else value)
+    set_key(base, key, value(tmp_path, tiny_model) if callable(value) else value)
     return write(tmp_path, base)
 
 
 @pytest.mark.parametrize("key,value,message,edit", BAD, ids=[f"{i}-{row[0]}" for i, row in enumerate(BAD)])
-def test_bad_config_is_refused_by_every_command(tmp_path, tiny_model, base, capsys, key, value, message, edit):
+def test_bad_config_is_refused_by_every_command(tmp_path, tiny_model, base, key, value, message, edit):
     config = str(_bad_config(tmp_path, tiny_model, base, key, value, edit))
     before = sorted(p.name for p in tmp_path.iterdir())
     commands = {
         "check": ["check", config],
-        # `train` would replace this process with torchrun: returning at all proves nothing was launched.
         "train": ["train", config, "--nproc", "2"],
         "submit": ["submit", config, "--cluster", CLUSTER, "--dry-run"],
     }
     for name, argv in commands.items():
-        assert main(argv) == 2, name
-        err = capsys.readouterr().err
+        result = dtrain(*argv)
+        err = result.stderr
+        assert result.returncode == 2, f"{name}: {err}"
         assert message in err, f"{name}: {err}"
         assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
 
 
-def test_a_mapping_with_a_key_twice_is_refused_with_its_line(tmp_path, base, capsys):
+def test_a_mapping_with_a_key_twice_is_refused_with_its_line(tmp_path, base):
     text = yaml.safe_dump(base) + "deepspeed:\n  stage: 1\n"
     (tmp_path / "dup.yaml").write_text(text)
-    assert main(["check", str(tmp_path / "dup.yaml")]) == 2
-    err = capsys.readouterr().err
+    result = dtrain("check", str(tmp_path / "dup.yaml"))
+    err = result.stderr
+    assert result.returncode == 2
     assert "duplicate key 'deepspeed'" in err and "line" in err
 
 
-def test_a_config_that_is_not_utf8_or_holds_a_python_tag_is_refused(tmp_path, capsys):
+def test_a_config_that_is_not_utf8_or_holds_a_python_tag_is_refused(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
     (tmp_path / "tag.yaml").write_text("output_dir: !!python/object/apply:os.system ['touch pwned']\n")
-    assert main(["check", str(tmp_path / "latin1.yaml")]) == 2
-    assert "not UTF-8 text" in capsys.readouterr().err
-    assert main(["check", str(tmp_path / "tag.yaml")]) == 2
-    assert "invalid YAML" in capsys.readouterr().err and not Path("pwned").exists()
+    latin1, tag = dtrain("check", str(tmp_path / "latin1.yaml")), dtrain("check", str(tmp_path / "tag.yaml"))
+    assert latin1.returncode == 2 and "not UTF-8 text" in latin1.stderr
+    assert tag.returncode == 2 and "invalid YAML" in tag.stderr and not Path("pwned").exists()
 
 
-def test_a_model_that_needs_its_own_code_is_refused(tmp_path, tiny_model, base, capsys):
+def test_a_model_that_needs_its_own_code_is_refused(tmp_path, tiny_model, base):
     custom = tmp_path / "custom-model"
     shutil.copytree(tiny_model, custom)
     config = json.loads((custom / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
     (custom / "config.json").write_text(json.dumps(config))
     base["model"]["path"] = str(custom)
-    assert main(["check", str(write(tmp_path, base))]) == 2
-    assert "model.path: " in (err := capsys.readouterr().err) and "its own modelling code" in err
+    result = dtrain("check", str(write(tmp_path, base)))
+    assert result.returncode == 2
+    assert "model.path: " in result.stderr and "its own modelling code" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,21 +238,22 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("key,value,named,hint", REFUSED, ids=[f"{i}-{r[0]}" for i, r in enumerate(REFUSED)])
-def test_resume_refuses_a_change_of_shape_or_meaning(tmp_path, tiny_model, base, capsys, key, value, named, hint):
+def test_resume_refuses_a_change_of_shape_or_meaning(tmp_path, tiny_model, base, key, value, named, hint):
     base["train"].update(gradient_accumulation_steps=None, global_batch_size=8)
     plant_checkpoint(base)
     if key == "train.global_batch_size":
         base["train"]["global_batch_size"] = value
     else:
-        put(base, key, value(tmp_path, tiny_model) if callable(value) else value)
+        set_key(base, key, value(tmp_path, tiny_model) if callable(value) else value)
     config = str(write(tmp_path, base))
     for argv in (["check", config, "--nproc", "2"], ["train", config, "--nproc", "2"]):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
+        result = dtrain(*argv)
+        err = result.stderr
+        assert result.returncode == 2, err
         assert f"{named}" in err and "resume" in err and hint in err, err
 
 
-def test_resume_accepts_safe_changes_and_says_so(tmp_path, tiny_model, base, capsys):
+def test_resume_accepts_safe_changes_and_says_so(tmp_path, tiny_model, base):
     base["train"].update(gradient_accumulation_steps=None, global_batch_size=8)
     plant_checkpoint(base)
     moved = tmp_path / "moved-model"
@@ -269,29 +263,29 @@ def test_resume_accepts_safe_changes_and_says_so(tmp_path, tiny_model, base, cap
     base["eval"]["every_steps"] = 3
     base["checkpoint"]["keep_last"] = 1
     base["logging"]["every_steps"] = 5
-    assert main(["check", str(write(tmp_path, base)), "--nproc", "2"]) == 0
-    out = capsys.readouterr().out
+    result = dtrain("check", str(write(tmp_path, base)), "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     for key in ("model.path", "train.max_steps", "eval.every_steps", "checkpoint.keep_last", "logging.every_steps"):
         assert key in out, out
     assert "same content" in out
 
 
-def test_a_change_named_in_allow_changes_resumes(tmp_path, tiny_model, base, capsys):
+def test_a_change_named_in_allow_changes_resumes(tmp_path, tiny_model, base):
     base["train"].update(gradient_accumulation_steps=None, global_batch_size=8)
     plant_checkpoint(base)
     base["train"]["lr"] = 3e-4
     config = str(write(tmp_path, base))
-    assert main(["check", config, "--nproc", "2"]) == 2
-    capsys.readouterr()
-    assert main(["check", config, "checkpoint.allow_changes=[train.lr]", "--nproc", "2"]) == 0
-    assert "train.lr" in capsys.readouterr().out
+    assert dtrain("check", config, "--nproc", "2").returncode == 2
+    allowed = dtrain("check", config, "checkpoint.allow_changes=[train.lr]", "--nproc", "2")
+    assert allowed.returncode == 0 and "train.lr" in allowed.stdout
 
 
-def test_resume_never_on_a_run_with_checkpoints_is_refused_before_launch(tmp_path, base, capsys):
+def test_resume_never_on_a_run_with_checkpoints_is_refused_before_launch(tmp_path, base):
     plant_checkpoint(base)
     base["checkpoint"]["resume"] = "never"
-    assert main(["train", str(write(tmp_path, base)), "--nproc", "2"]) == 2
-    assert "checkpoint.resume: 'never' but" in capsys.readouterr().err
+    result = dtrain("train", str(write(tmp_path, base)), "--nproc", "2")
+    assert result.returncode == 2 and "checkpoint.resume: 'never' but" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,15 +345,12 @@ MISUSE = [
 
 
 @pytest.mark.parametrize("argv,message", MISUSE, ids=[" ".join(a)[:60] or "nothing" for a, _ in MISUSE])
-def test_cli_misuse_is_one_line_exit_2_nothing_written(misuse, capsys, argv, message):
+def test_cli_misuse_is_one_line_exit_2_nothing_written(misuse, argv, message):
     argv = [a.format(**misuse) for a in argv]
     before = sorted(str(p) for p in misuse["tmp"].rglob("*"))
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2, err
+    result = dtrain(*argv)  # argparse's own usage errors exit 2 too
+    err = result.stderr
+    assert result.returncode == 2, err
     assert message in err and "Traceback" not in err, err
     assert sorted(str(p) for p in misuse["tmp"].rglob("*")) == before
 
@@ -376,14 +367,15 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_export_refuses_a_checkpoint_that_would_run_code(misuse, capsys):
+def test_export_refuses_a_checkpoint_that_would_run_code(misuse):
     checkpoint = Path(misuse["lora"]) / "checkpoints" / checkpoint_name(2)
     marker = misuse["tmp"] / "code-ran"
     (checkpoint / "ds").mkdir()
     torch.save(
         {"module": {}, "buffer_names": [], "evil": _Payload(marker)}, checkpoint / "ds" / "mp_rank_00_model_states.pt"
     )
-    assert main(["export", misuse["lora"], "--adapter", str(misuse["tmp"] / "out")]) == 2
-    err = capsys.readouterr().err
+    result = dtrain("export", misuse["lora"], "--adapter", str(misuse["tmp"] / "out"))
+    err = result.stderr
+    assert result.returncode == 2
     assert "refusing to load" in err and "could run code" in err
     assert not marker.exists() and not (misuse["tmp"] / "out").exists()

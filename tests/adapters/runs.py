@@ -19,8 +19,9 @@ COMMON = [
     "eval.every_steps=2", "data.seq_len=128",
 ]  # fmt: skip
 BASES = {"lora": "configs/tiny-lora.yaml", "qlora": "configs/tiny-qlora.yaml", "full": "configs/tiny-full-zero3.yaml"}
-# name -> (shipped config, overrides). "*-z3" runs are trained by probe_run, which also reports engine logits,
-# frozen-weight checks and adapter changes; the others through the real `dtrain train`.
+# name -> (shipped config, overrides). The PROBED runs share one probe_run launch, which also reports engine
+# logits, frozen-weight checks and adapter changes; the "*-z2" runs go through the real `dtrain train` (the tests read
+# what it printed, and resume or kill them with the same command).
 RUNS = {
     "lora-z0": ("lora", ["deepspeed.stage=0"]),
     "lora-z2": ("lora", ["deepspeed.stage=2"]),
@@ -31,7 +32,7 @@ RUNS = {
     "qlora-z3": ("qlora", ["deepspeed.stage=3"]),
     "full-z3": ("full", []),
 }
-PROBED = ("lora-z3", "qlora-z3", "full-z3")
+PROBED = ("lora-z0", "qlora-z0", "lora-z3", "qlora-z3", "full-z3")
 
 _shared: SharedRuns | None = None
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,8 +24,9 @@ import torch
 from dtrain.checkpoint import complete_checkpoints
 from dtrain.metrics import read_metrics
 from tests.adapters.runs import STEPS, shared_runs
-from tests.helpers import REPO, dtrain_cmd, run_dtrain
+from tests.helpers import run_dtrain, start_dtrain
 
+pytestmark = pytest.mark.slow  # 2-rank trainings
 LAST = f"step-{STEPS:08d}"
 
 
@@ -52,6 +52,13 @@ def assert_runs_agree(reference: Path, other: Path, rel: float) -> None:
     assert a.keys() == b.keys() and len(a) == 16
     for name in a:
         assert (b[name] - a[name]).norm() <= rel * a[name].norm(), name
+
+
+def assert_same_adapter(reference: Path, other: Path) -> None:
+    """Bitwise the same adapter tensors: what a resumed run must end with."""
+    a, b = adapter_state(reference), adapter_state(other)
+    assert a.keys() == b.keys() and len(a) == 16
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -90,7 +97,9 @@ def test_trainable_parameters_are_reported_at_start(runs, name):
 @pytest.mark.parametrize("name", ["lora-z0", "lora-z2", "lora-z3", "qlora-z0", "qlora-z2", "qlora-z3"])
 def test_checkpoint_holds_only_the_adapter(runs, name):
     ds = runs.run(name) / "checkpoints" / LAST / "ds"
-    for path in ds.glob("*model_states.pt"):
+    states = list(ds.glob("*model_states.pt"))
+    assert states, f"no model states in {ds}"
+    for path in states:
         module = torch.load(path, weights_only=False)["module"]
         assert module and all(".lora_" in key for key in module), sorted(module)[:5]  # no base, no quant state
     total = sum(p.stat().st_size for p in ds.iterdir())
@@ -108,8 +117,7 @@ def test_lora_resume_from_a_mid_run_checkpoint_is_exact(runs, tmp_path):
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / source.name}" in out.stdout + out.stderr
     want, got = read_metrics(reference), read_metrics(tmp_path / "run")
     assert sorted(got) == [3, 4] and all(got[s] == want[s] for s in got)
-    a, b = adapter_state(reference / "checkpoints" / LAST), adapter_state(tmp_path / "run" / "checkpoints" / LAST)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_adapter(reference / "checkpoints" / LAST, tmp_path / "run" / "checkpoints" / LAST)
 
 
 def test_qlora_kill9_and_resume_without_eval_equals_the_run_that_evaluated_mid_training_bitwise(runs, tmp_path):
@@ -123,10 +131,7 @@ def test_qlora_kill9_and_resume_without_eval_equals_the_run_that_evaluated_mid_t
     overrides.append("eval.every_steps=0")
     ckpts = tmp_path / "run" / "checkpoints"
     log = tmp_path / "first-launch.log"
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(
-            dtrain_cmd("train", str(config), *overrides, "--nproc", "2"), cwd=REPO, stdout=sink, stderr=sink
-        )
+    proc = start_dtrain("train", str(config), *overrides, "--nproc", "2", log=log)
     deadline = time.monotonic() + 300
     while not complete_checkpoints(ckpts):
         assert proc.poll() is None, f"run ended before its first checkpoint:\n{log.read_text()[-5000:]}"
@@ -141,5 +146,4 @@ def test_qlora_kill9_and_resume_without_eval_equals_the_run_that_evaluated_mid_t
     assert 2 in read_metrics(reference, "eval/loss") and 2 not in read_metrics(tmp_path / "run", "eval/loss")
     want, got = read_metrics(reference), read_metrics(tmp_path / "run")
     assert sorted(got) == list(range(1, STEPS + 1)) and all(got[s] == want[s] for s in got), (got, want)
-    a, b = adapter_state(reference / "checkpoints" / LAST), adapter_state(ckpts / LAST)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_adapter(reference / "checkpoints" / LAST, ckpts / LAST)

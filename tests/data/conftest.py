@@ -1,16 +1,12 @@
-"""Shared fixtures: one tiny model + tokenizer per test session, and a config builder for data tests."""
+"""Data-test fixtures on the session's tiny model (`tiny_model`, a folder: tests/conftest.py): its tokenizer, the
+model loaded for forward passes, and a config builder."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 from dtrain.config import Config, DataConfig, DatasetConfig, ModelConfig, TrainConfig
-from dtrain.tiny import SAMPLE_DIR, make_tiny_model
-
-SAMPLE = SAMPLE_DIR
 
 
 @pytest.fixture(autouse=True)
@@ -27,27 +23,23 @@ def private_hf_caches(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tiny_dir):
+def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_dir)
+    return AutoTokenizer.from_pretrained(tiny_model)
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_dir):
+def loaded_tiny_model(tiny_model) -> torch.nn.Module:
+    """The tiny model as a module, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
-    return AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval()
 
 
 @pytest.fixture
-def make_cfg(tmp_path, tiny_dir):
+def make_cfg(tmp_path, tiny_model):
     """Config(datasets=[(path, format) or DatasetConfig...], **data knobs); output and cache under tmp_path."""
 
     def build(*datasets, seed: int = 0, eval_datasets=(), **knobs) -> Config:
@@ -59,7 +51,7 @@ def make_cfg(tmp_path, tiny_dir):
         )
         return Config(
             output_dir=str(tmp_path / "run"),
-            model=ModelConfig(path=str(tiny_dir)),
+            model=ModelConfig(path=str(tiny_model)),
             data=data,
             train=TrainConfig(seed=seed, max_steps=1, micro_batch_size=1, gradient_accumulation_steps=1),
         )

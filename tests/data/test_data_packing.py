@@ -32,7 +32,7 @@ def _doc_losses(model, input_ids, labels, position_ids):
     return [ce[a : b - 1].sum() for a, b in pairwise(starts)]
 
 
-def test_packed_loss_equals_each_document_alone(make_cfg, tokenizer, tiny_model):
+def test_packed_loss_equals_each_document_alone(make_cfg, tokenizer, loaded_tiny_model):
     cfg = make_cfg((SAMPLE / "text.jsonl", "text"), seq_len=1024)
     prepared = prepare_data(cfg, tokenizer, rank=0, world_size=1)
     # A block holding several documents, collated as the trainer would (padded to seq_len, no attention mask).
@@ -44,25 +44,27 @@ def test_packed_loss_equals_each_document_alone(make_cfg, tokenizer, tiny_model)
     batch = collate([prepared.train[index]], tokenizer.pad_token_id, 1024, packing=True)
     assert "attention_mask" not in batch
     with torch.no_grad():
-        packed = _doc_losses(tiny_model, batch["input_ids"], batch["labels"], batch["position_ids"])
+        packed = _doc_losses(loaded_tiny_model, batch["input_ids"], batch["labels"], batch["position_ids"])
         sample = prepared.train[index]
         starts = [i for i, p in enumerate(sample["position_ids"]) if p == 0] + [len(sample["input_ids"])]
         assert len(sample["input_ids"]) < 1024 and len(packed) == len(starts)  # documents + the padding tail
         for doc, (a, b) in enumerate(pairwise(starts)):
             ids = torch.tensor([sample["input_ids"][a:b]])
-            alone = _doc_losses(tiny_model, ids, torch.tensor([sample["labels"][a:b]]), torch.arange(b - a)[None])[0]
+            alone = _doc_losses(
+                loaded_tiny_model, ids, torch.tensor([sample["labels"][a:b]]), torch.arange(b - a)[None]
+            )[0]
             assert torch.allclose(packed[doc], alone, atol=1e-5, rtol=1e-5), (doc, packed[doc], alone)
     # The padding tail trains nothing.
     assert packed[-1] == 0
 
 
-def test_packed_batch_loss_with_kv_cache_differs(tokenizer, tiny_model):
+def test_packed_batch_loss_with_kv_cache_differs(tokenizer, loaded_tiny_model):
     """Why the trainer must pass use_cache=False: with a cache transformers ignores the packed position ids."""
     ids = torch.randint(5, 500, (1, 20), generator=torch.Generator().manual_seed(0))
     pos = torch.cat([torch.arange(12), torch.arange(8)])[None]
     with torch.no_grad():
-        alone = tiny_model(input_ids=ids[:, 12:], use_cache=False).logits
-        packed = tiny_model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, 12:]
-        cached = tiny_model(input_ids=ids, position_ids=pos, use_cache=True).logits[:, 12:]
+        alone = loaded_tiny_model(input_ids=ids[:, 12:], use_cache=False).logits
+        packed = loaded_tiny_model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, 12:]
+        cached = loaded_tiny_model(input_ids=ids, position_ids=pos, use_cache=True).logits[:, 12:]
     assert torch.allclose(packed, alone, atol=1e-5)
     assert not torch.allclose(cached, alone, atol=1e-3)

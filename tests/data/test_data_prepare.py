@@ -112,6 +112,7 @@ def test_mixture_weights_set_each_datasets_share(make_cfg, tokenizer):
 def test_label_counts_and_positions_are_consistent(make_cfg, tokenizer):
     for packing in (True, False):
         samples = prepare_data(make_cfg((CHAT, "chat"), packing=packing), tokenizer, rank=0, world_size=1).train
+        assert len(samples) > 0
         for i in range(len(samples)):
             row = samples[i]
             assert samples.num_label_tokens(i) == sum(label != -100 for label in row["labels"][1:])

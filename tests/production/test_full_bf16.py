@@ -27,7 +27,7 @@ import torch
 
 from dtrain.checkpoint import complete_checkpoints
 from dtrain.metrics import read_metrics
-from tests.helpers import REPO, dtrain_cmd, run_dtrain
+from tests.helpers import REPO, last_logged_step, run_dtrain, start_dtrain
 from tests.production.runs import PRODUCTION, STEPS
 
 pytestmark = pytest.mark.slow
@@ -49,13 +49,11 @@ def test_bf16_zero3_cpu_offload_with_cpu_adam_learns(runs):
 
 def test_kill9_of_a_rank_then_relaunch_resumes_within_tolerance(tmp_path, runs):
     config = runs.config("kill9")
-    cmd = dtrain_cmd("train", str(config), *PRODUCTION, "--nproc", "2")
     log = tmp_path / "first-launch.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    proc = start_dtrain("train", str(config), *PRODUCTION, "--nproc", "2", log=log)
     run_dir = config.parent / "run"
     deadline = time.monotonic() + 300
-    while max(read_metrics(run_dir), default=0) < 3:
+    while last_logged_step(run_dir) < 3:
         assert proc.poll() is None, log.read_text()[-5000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)

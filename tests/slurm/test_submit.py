@@ -9,7 +9,8 @@ SIGTERM alone shows as stopped early, a node lost mid-run fails the job naming t
 one node resumes from the last complete checkpoint through the universal path; a job whose rank crashes fails with
 the traceback in its log and is not requeued; cancel.
 Without Slurm: config and profile errors are reported before anything reaches sbatch; the sbatch script for the
-example H100 profile matches tests/slurm/golden/; the stop signal the ranks agree on; the rendezvous port range.
+example H100 profile matches tests/slurm/golden/; the rendezvous port range. (The stop signal the ranks agree on:
+tests/test_preemption.py.)
 
 Run: pytest tests/slurm/test_submit.py -v -s   (prints a [timing] line per phase)
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +40,8 @@ from slurm_helpers import wait_for
 from dtrain.checkpoint import STATE_FILE, complete_checkpoints
 from dtrain.config import ConfigError, load_config
 from dtrain.metrics import read_metrics
-from tests.helpers import FULL_OVERRIDES, FULL_STEPS, write_config
+from tests.helpers import FULL_OVERRIDES, FULL_STEPS, REPO, last_logged_step, run_dtrain, write_config
 
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TEST_PROFILE = REPO / "slurm" / "clusters" / "testcluster.yaml"
 H100_PROFILE = REPO / "slurm" / "clusters" / "h100.yaml"
@@ -58,11 +57,8 @@ def _timing(name: str, seconds: float) -> None:
 
 
 def dtrain(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The real `dtrain` CLI."""
-    return subprocess.run(
-        [sys.executable, "-m", "dtrain_launch.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    """The real `dtrain` CLI in a fresh process; the caller checks the exit code."""
+    return run_dtrain(*args, env=env, timeout=timeout, check=False)
 
 
 @dataclass
@@ -109,13 +105,6 @@ def scontrol_job(cluster, job_id: str) -> dict[str, str]:
     """JobState, Restarts, ExitCode ... from slurmctld (it keeps finished jobs for MinJobAge = 300 s)."""
     out = cluster.run("scontrol", "show", "job", "-o", job_id)
     return dict(word.split("=", 1) for word in out.split() if "=" in word)
-
-
-def last_step(run_dir: Path) -> int:
-    try:
-        return max(read_metrics(run_dir), default=0)
-    except ValueError:  # a line being written
-        return 0
 
 
 def assert_losses_close(got: Path, expected: Path, steps: range | list[int]) -> None:
@@ -269,7 +258,7 @@ def test_interrupted_job_saves_requeues_and_resumes_to_equal_losses(finished_run
     wait_for(lambda: RUN_START_LINE in job.log_text(0), 300, "the job to start")
     interrupt()  # the model is still loading: submitit's own handler requeues at once
     wait_for(lambda: REQUEUE_LINE in job.log_text(0), 120, "rank 0 to requeue before training")
-    wait_for(lambda: last_step(job.run_dir) >= 5, 400, "the requeued job to log step 5 (step 4 saved)")
+    wait_for(lambda: last_logged_step(job.run_dir) >= 5, 400, "the requeued job to log step 5 (step 4 saved)")
     t_interrupt = time.time()
     interrupt()
     wait_for(lambda: job.log_text(0).count(REQUEUE_LINE) == 2, 120, "rank 0 to save and requeue")
@@ -319,7 +308,7 @@ def test_stopped_early_then_node_lost_then_resumed_on_one_node(finished_run, slu
         pytest.skip("needs the 2-node test cluster")
     ckpts = tmp_path / "run" / "checkpoints"
     job = submit_tiny(tmp_path, tiny_model, "--nodes", "2")
-    wait_for(lambda: last_step(job.run_dir) >= 2, 400, "the job to log step 2")
+    wait_for(lambda: last_logged_step(job.run_dir) >= 2, 400, "the job to log step 2")
     slurm_cluster.run("scancel", "--signal=TERM", job.job_id)  # SIGTERM alone: stop, no requeue
     wait_gone(slurm_cluster, job, timeout=300)
     info = scontrol_job(slurm_cluster, job.job_id)
@@ -331,7 +320,7 @@ def test_stopped_early_then_node_lost_then_resumed_on_one_node(finished_run, slu
 
     job = submit_tiny(tmp_path, tiny_model, "--nodes", "2", env={"DTRAIN_TEST_STALE_VIEW": "1", **FAULTS_PATH})
     assert f"resume from {stopped} (step {step}," in job.output
-    wait_for(lambda: (ckpts / "step-00000004" / STATE_FILE).is_file() and last_step(job.run_dir) >= 5, 400,
+    wait_for(lambda: (ckpts / "step-00000004" / STATE_FILE).is_file() and last_logged_step(job.run_dir) >= 5, 400,
              "a checkpoint at step 4 and step 5 logged")  # fmt: skip
     assert len(kill_ranks_on_node(job.job_id, 1)) == 2
     _timing("SIGKILL of node 2's ranks -> job gone", wait_gone(slurm_cluster, job, timeout=120))
@@ -446,27 +435,6 @@ def test_sbatch_script_for_the_example_h100_profile_matches_golden():
     if os.environ.get("DTRAIN_UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text(), f"regenerate with DTRAIN_UPDATE_GOLDEN=1 if intended:\n{text}"
-
-
-def test_ranks_agree_on_the_strongest_stop_signal(tmp_path):
-    """USR2 (warning: save and requeue) outranks SIGTERM (the end) when a rank saw both, in any order."""
-    script = f"""
-import os, signal, torch.distributed as dist
-from dtrain.preemption import StopFlag, stopped_by
-import torch
-dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
-flag = StopFlag(torch.device("cpu"))
-assert not flag.stop_requested() and stopped_by() is None
-os.kill(os.getpid(), signal.SIGUSR2); os.kill(os.getpid(), signal.SIGTERM)
-assert flag.stop_requested() and stopped_by() == signal.SIGUSR2, stopped_by()
-flag = StopFlag(torch.device("cpu"))
-assert stopped_by() is None
-os.kill(os.getpid(), signal.SIGTERM)
-assert flag.stop_requested() and stopped_by() == signal.SIGTERM, stopped_by()
-print("ok")
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.stdout.strip().endswith("ok"), proc.stderr
 
 
 def test_rendezvous_port_is_below_the_ephemeral_range_and_new_after_a_requeue():
