@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 NPROC   ?= 2
 
-.PHONY: setup ops demo test test-fast lint slurm-up slurm-down clean
+.PHONY: setup ops demo test test-all test-fast lint slurm-up slurm-down clean
 
 setup: $(STAMP) ops
 
@@ -39,6 +39,10 @@ demo: setup runs/tiny-model/config.json
 # The whole suite. The Slurm tests install, start and stop a real single-node cluster themselves
 # (slurm/testcluster/start, stop): nothing to set up by hand.
 test: setup
+	$(BIN)/python -m pytest -q -rs -m "not long" $(PYTEST_ARGS)
+
+# Everything, the `long` runs included (production path, fault trials, 2-node failure scenarios): ~2x make test.
+test-all: setup
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
 test-fast: setup

@@ -8,7 +8,7 @@ import pytest
 
 from tests.fault_trials import run_trials
 
-pytestmark = pytest.mark.slow  # three killed-and-resumed 2-rank runs
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # three killed-and-resumed 2-rank runs: make test-all
 
 
 def test_kills_at_any_moment_never_leave_an_unresumable_or_different_run(tmp_path, tiny_model, full_reference):

@@ -79,6 +79,7 @@ def test_lora_resume_on_other_world_size(tmp_path, tiny_model, reference_run, sa
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
+@pytest.mark.long
 def test_reshard_converts_ahead_of_time_and_the_resume_finds_it_cached(tmp_path, tiny_model, full_reference):
     source = full_reference(2) / "checkpoints" / "step-00000004"
     checkpoint = tmp_path / "run" / "checkpoints" / source.name

@@ -15,7 +15,7 @@ import torch
 from dtrain.metrics import read_metrics
 from tests.production.runs import STEPS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes of bf16 / CPU-Adam / NVMe runs: make test-all
 
 
 @pytest.mark.parametrize("name", ["lora", "qlora"])

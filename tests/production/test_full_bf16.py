@@ -30,7 +30,7 @@ from dtrain.metrics import read_metrics
 from tests.helpers import REPO, last_logged_step, run_dtrain, start_dtrain
 from tests.production.runs import PRODUCTION, STEPS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes of bf16 / CPU-Adam / NVMe runs: make test-all
 
 RESUME_RTOL = 2e-3
 

@@ -21,7 +21,7 @@ from dtrain.metrics import read_metrics
 from tests.production.runs import OLD_BUFFER_SIZE, STEPS
 from tests.production.test_full_bf16 import RESUME_RTOL, relative_gaps
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # minutes of bf16 / CPU-Adam / NVMe runs: make test-all
 
 
 def test_generated_swap_buffers_fit_where_the_scaled_default_trips_the_assert(runs):

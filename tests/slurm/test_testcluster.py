@@ -117,6 +117,7 @@ def test_urgent_partition_preempts_debug(submitit_executor, slurm_cluster, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_torchrun_by_hand_across_two_nodes(slurm_cluster, tiny_model, full_reference, tmp_path):
     """The README's multi-node command, one torchrun per node (slurm/testcluster/on runs it inside the node's
     namespaces): the c10d rendezvous on dtnode1 crosses the nodes' network; the losses are a 4-rank run's."""

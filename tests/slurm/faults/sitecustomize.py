@@ -85,8 +85,7 @@ def _timed(owner, attribute: str, before: str | None, after: str | None, when=la
 
 def _timeline_checkpoint(module):
     _timed(module.Checkpointer, "save", "save-begin", "save-done")
-    _timed(module.Checkpointer, "_publish", "shards-written", None)
-    _timed(module, "_fsync_files", "fsync-begin", "fsync-done")
+    _timed(module.Checkpointer, "_publish", "shards-written", None)  # each rank wrote and synced its own files
     _timed(module, "_fsync_dir", None, "renamed")  # _publish: the folders, rename, then the parent
     _timed(module.Checkpointer, "_prune", "prune-begin", "prune-done")
     _timed(module.Checkpointer, "load", None, "resumed")
@@ -94,7 +93,7 @@ def _timeline_checkpoint(module):
 
 def _timeline_preemption(module):
     _timed(module.StopFlag, "_handle", "signal", None)
-    _timed(module.StopFlag, "stop_requested", None, "stop-agreed", when=bool)
+    _timed(module.StopFlag, "agree", None, "stop-agreed", when=bool)
 
 
 def _timeline_submitit(module):
