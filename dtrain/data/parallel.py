@@ -28,7 +28,7 @@ def default_num_proc() -> int:
 
 def ordered_map(fn: Callable[[Any], Any], rows: Iterable[tuple[str, Any]], num_proc: int) -> Iterator[tuple[str, Any]]:
     """(where, fn(row)) for each (where, row), in input order, computed by `num_proc` processes."""
-    if num_proc <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if num_proc <= 1 or "fork" not in multiprocessing.get_all_start_methods() or _in_process_group():
         for where, row in rows:
             yield where, fn(row)
         return
@@ -51,6 +51,16 @@ def ordered_map(fn: Callable[[Any], Any], rows: Iterable[tuple[str, Any]], num_p
                 yield from zip(wheres.popleft(), results, strict=True)
     finally:
         gc.unfreeze()
+
+
+def _in_process_group() -> bool:
+    """Inside a training rank (gloo/NCCL threads, the cache heartbeat, allocator background threads), a fork can copy
+    a lock some other thread holds, and the worker waits on it forever: seen as a hung rank here. Ranks therefore
+    tokenize in one process; `dtrain prepare` (no process group) fills the cache with `num_proc` workers ahead of a
+    run, which is the way to tokenize a large corpus in parallel."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _one_thread_per_worker() -> None:
