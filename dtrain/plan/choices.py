@@ -171,7 +171,11 @@ def plan_alternatives(shape: ModelShape, cfg: Config, hw: Hardware) -> list[Esti
     """Every candidate, configured strategy first, then cheapest first (ties: less GPU memory)."""
     order = [cfg.strategy, *(s for s in strategies.NAMES if s != cfg.strategy)]
     estimates = [estimate(shape, cfg, c, hw) for c in candidate_choices(cfg, hw)]
-    return sorted(estimates, key=lambda e: (order.index(e.choice.strategy), e.choice.cost, e.memory.gpu.total))
+    configured = Choice.from_config(cfg)  # at equal cost, keep what the user chose rather than propose a change
+    return sorted(
+        estimates,
+        key=lambda e: (order.index(e.choice.strategy), e.choice.cost, e.choice != configured, e.memory.gpu.total),
+    )
 
 
 def cheapest_fit(estimates: list[Estimate], hw: Hardware) -> Estimate | None:
