@@ -8,11 +8,17 @@ The two signals mean different things to a launcher: SIGUSR2 is the scheduler's 
 preemption ("save, then requeue me"); SIGTERM alone is the end (scancel, or a preemption that Slurm requeues by
 itself). When ranks saw different ones, the warning wins; `stopped_by()` tells the launcher which one all ranks
 agreed on (the Slurm job requeues only on SIGUSR2).
+
+A preemption comes as SIGTERM then SIGUSR2, from two separate scancel/slurmctld round trips (what submitit's
+`_interrupt` sends); a step boundary can fall between them. So a stop agreed on SIGTERM alone is confirmed by
+`settle()` after the save: it waits until USR2_GRACE_S after the SIGTERM and votes once more (seen in CI: a 2-node
+job stopped early instead of requeueing). Slurm kills only KillWait (30 s by default) after SIGTERM.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 from types import FrameType
 
 import torch
@@ -20,6 +26,7 @@ import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # highest priority first
 
+USR2_GRACE_S = 2.0
 _stopped_by: signal.Signals | None = None  # per process, like the signal dispositions themselves
 
 
@@ -34,12 +41,15 @@ class StopFlag:
         _stopped_by = None
         self.device = device
         self.received: int | None = None  # the highest-priority stop signal this process got
+        self.first_at: float | None = None  # time.monotonic() of the first stop signal
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if _priority(signum) > _priority(self.received):
             self.received = signum
+        if self.first_at is None:
+            self.first_at = time.monotonic()
 
     def votes(self) -> torch.Tensor:
         """This rank's vote, one count per stop signal (highest priority first), to be SUM-all-reduced together with
@@ -59,6 +69,15 @@ class StopFlag:
         votes = self.votes()
         dist.all_reduce(votes)
         return self.agree(votes.tolist())
+
+    def settle(self) -> None:
+        """Collective, on every rank once a stop was agreed and saved: if all agreed on SIGTERM alone, wait until
+        USR2_GRACE_S after this rank's first signal and agree again: a SIGUSR2 just behind the SIGTERM still wins."""
+        if _stopped_by != signal.SIGTERM:
+            return
+        if self.first_at is not None:
+            time.sleep(max(0.0, self.first_at + USR2_GRACE_S - time.monotonic()))
+        self.stop_requested()
 
 
 def stopped_by() -> signal.Signals | None:

@@ -123,6 +123,8 @@ class Trainer:
                     progress.step, self._save_scalars(saved, time.perf_counter() - save_started), "checkpoint", True
                 )
                 log.message(f"saved {saved}")
+        if stopping:
+            self.stop_flag.settle()
         log.close()
         self.collator.shutdown()
         return FitResult(progress, preempted=stopping and progress.step < self.total_steps)

@@ -1,5 +1,6 @@
 """The stop signal: each rank records what it received, and at a step boundary all ranks agree on the strongest one,
-even the ranks that received nothing. Two real gloo ranks, each signalling itself (~5 s: two interpreters)."""
+even the ranks that received nothing; a SIGUSR2 that follows an agreed SIGTERM within the grace still wins (a
+preemption's two signals straddling a step boundary). Two real gloo ranks, each signalling itself (~8 s)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ ROUNDS = [
     {0: [], 1: ["SIGTERM"]},
 ]
 RANK = """
-import json, os, signal, sys
+import json, os, signal, sys, threading
 import torch, torch.distributed as dist
 from dtrain.preemption import StopFlag, stopped_by
 rank, store, rounds = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
@@ -29,6 +30,15 @@ for signals in rounds:
         os.kill(os.getpid(), getattr(signal, name))
     stop = flag.stop_requested()
     seen.append([stop, stopped_by().name if stopped_by() else None])
+for late in (0.5, None):  # rank 1: SIGTERM, agreed on; then SIGUSR2 0.5 s later, or nothing
+    flag = StopFlag(torch.device("cpu"))
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+        if late:
+            threading.Timer(late, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+    agreed = stopped_by().name if flag.stop_requested() else None
+    flag.settle()
+    seen.append([agreed, stopped_by().name])
 dist.destroy_process_group()
 print(json.dumps(seen))
 """
@@ -49,5 +59,6 @@ def test_ranks_agree_on_the_strongest_stop_signal(tmp_path):
     outputs = [proc.communicate(timeout=120) for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), [err[-3000:] for _, err in outputs]
     expected = [[False, None], [True, "SIGUSR2"], [True, "SIGUSR2"], [True, "SIGTERM"]]
+    expected += [["SIGTERM", "SIGUSR2"], ["SIGTERM", "SIGTERM"]]
     for rank, (out, _) in enumerate(outputs):
         assert json.loads(out.strip().splitlines()[-1]) == expected, f"rank {rank}"
