@@ -52,12 +52,19 @@ class OpStatus:
     compatible: bool
     problem: str = ""
     """Why it cannot be built here (e.g. libaio-dev missing)."""
+    lock: Path | None = None
+    """torch's build lock, if one is there: a build in progress, or a killed one that every later load waits on."""
 
     def describe(self) -> str:
         if self.built:
             return f"{self.name}: built"
         if not self.compatible:
             return f"{self.name}: cannot be built here: {self.problem}"
+        if self.lock is not None:
+            return (
+                f"{self.name}: NOT built, and {self.lock} exists: a build is running, or one was killed and every run "
+                "would wait on that file forever (delete it if no build is running)"
+            )
         return f"{self.name}: NOT built: each rank would compile it at start (run `make setup`)"
 
 
@@ -88,12 +95,14 @@ def op_status(name: str) -> OpStatus:
         return OpStatus(name, built=False, compatible=False, problem="no builder on this accelerator")
     if installed_ops.get(builder.NAME, False):  # precompiled into a DeepSpeed wheel (DS_BUILD_OPS=1)
         return OpStatus(name, built=True, compatible=True)
-    built = (extensions_dir() / builder.NAME / f"{builder.NAME}.so").is_file()
-    if built:
+    folder = extensions_dir() / builder.NAME
+    if (folder / f"{builder.NAME}.so").is_file():
         return OpStatus(name, built=True, compatible=True)
     compatible = builder.is_compatible(verbose=False)
     problem = "" if compatible else _incompatible_reason(name)
-    return OpStatus(name, built=False, compatible=compatible, problem=problem)
+    # torch's FileBaton: a plain file, no pid or flock; the builder waits while it exists
+    lock = folder / "lock"
+    return OpStatus(name, built=False, compatible=compatible, problem=problem, lock=lock if lock.exists() else None)
 
 
 def _incompatible_reason(name: str) -> str:
@@ -127,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(s.describe() for s in missing), file=sys.stderr)
         return 1
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))  # ninja's parallel compile jobs
+    for locked in (s for s in statuses if s.lock is not None):
+        print(locked.describe(), file=sys.stderr, flush=True)  # before build() waits on it
     build([s.name for s in statuses if not s.built])
     return 0
 

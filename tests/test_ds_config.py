@@ -183,3 +183,18 @@ def test_check_reports_each_op_a_run_loads():
     lines = ops_report(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed"))
     assert [line.split(":")[0] for line in lines] == ["shm_comm", "cpu_adam"]
     assert all(line.endswith(": built") or "NOT built" in line or "cannot be built" in line for line in lines)
+
+
+def test_check_names_the_lock_file_a_killed_op_build_left(tmp_path, monkeypatch):
+    """torch waits forever on a build's `lock` file; one left by a killed build hangs every run: check names it."""
+    from dtrain_launch.validate import ops_report
+
+    from dtrain.ops import _builder
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there
+    lock = tmp_path / _builder("cpu_adam").NAME / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    lines = dict(line.split(": ", 1) for line in ops_report(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed")))
+    assert lines["shm_comm"] == "NOT built: each rank would compile it at start (run `make setup`)"
+    assert f"NOT built, and {lock} exists" in lines["cpu_adam"] and "delete it" in lines["cpu_adam"]
