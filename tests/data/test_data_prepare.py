@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.distributed as dist
 
 from dtrain.config import DatasetConfig
 from dtrain.data import DataError, prepare_command, prepare_data
@@ -152,7 +155,10 @@ def test_prepare_command_prints_the_counts(make_cfg):
         assert expected in text
 
 
-def test_parallel_tokenization_gives_the_same_samples_and_report(tmp_path, make_cfg, tokenizer):
+@pytest.mark.parametrize("in_rank", [False, True], ids=["prepare", "in-a-rank"])
+def test_parallel_tokenization_gives_the_same_samples_and_report(tmp_path, make_cfg, tokenizer, in_rank):
+    """Forked workers (dtrain prepare), or inside a rank (a gloo process group and its threads) workers started by a
+    forkserver: the samples and the report of one process either way."""
     mixed = tmp_path / "mixed.jsonl"
     lines = CHAT.read_text().splitlines()
     mixed.write_text("\n".join(lines[:150] + ["not json", '{"messages": []}'] + lines[150:]) + "\n")
@@ -160,7 +166,8 @@ def test_parallel_tokenization_gives_the_same_samples_and_report(tmp_path, make_
     for num_proc in (1, 2):
         cache = str(tmp_path / f"c{num_proc}")
         cfg = make_cfg((mixed, "chat"), (TEXT, "text"), on_bad_row="skip", cache_dir=cache, num_proc=num_proc)
-        prepared[num_proc] = prepare_data(cfg, tokenizer, rank=0, world_size=1)
+        with process_group(tmp_path / "store") if in_rank else contextlib.nullcontext():
+            prepared[num_proc] = prepare_data(cfg, tokenizer, rank=0, world_size=1)
     serial, parallel = prepared[1], prepared[2]
     for name in ("input_ids", "labels", "position_ids", "offsets"):
         assert np.array_equal(getattr(serial.train, name), getattr(parallel.train, name)), name
@@ -168,3 +175,12 @@ def test_parallel_tokenization_gives_the_same_samples_and_report(tmp_path, make_
         "malformed JSON": 1,
         "empty conversation": 1,
     }
+
+
+@contextlib.contextmanager
+def process_group(store: Path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(store), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
