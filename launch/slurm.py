@@ -168,12 +168,11 @@ def storage_problems(cfg: Config, profile: ClusterProfile, nodes: int, workdir: 
     prepared by rank 0 alone while the others wait for it to appear. On one node, node-local storage is fine."""
     if nodes < 2:
         return []
-    from dtrain.data.cache import cache_root
 
     folders = {
         "output_dir": (cfg.output_dir, "the Slurm job's files and logs are read by the tasks of every node"),
         "checkpoint.dir": (cfg.checkpoint_dir, "the ranks of every node write one checkpoint, and resume from it"),
-        "data.cache_dir": (cache_root(cfg), "rank 0 prepares the data once, the ranks of every node read it"),
+        "data.cache_dir": (cfg.cache_dir, "rank 0 prepares the data once, the ranks of every node read it"),
     }
     local = [Path(p) for p in profile.node_local]
     problems = []

@@ -131,6 +131,11 @@ class Config:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
 
     @property
+    def cache_dir(self) -> Path:
+        """Prepared data and the model's module list; next to the run folder unless data.cache_dir says where."""
+        return Path(self.data.cache_dir) if self.data.cache_dir else Path(self.output_dir).parent / ".dtrain-cache"
+
+    @property
     def tensorboard_dir(self) -> Path:
         return Path(self.output_dir) / "tensorboard"
 

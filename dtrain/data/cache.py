@@ -20,10 +20,6 @@ CACHE_VERSION = 2  # bump when the prepared layout or any tokenization rule chan
 DONE_FILE = "report.json"  # written last inside the temporary folder; the rename publishes it
 
 
-def cache_root(cfg) -> Path:
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output_dir).parent / ".dtrain-cache"
-
-
 def file_digest(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -60,7 +56,7 @@ def memo_digest(path: Path, memo_dir: Path) -> str:
 def cache_key(cfg, tokenizer) -> str:
     """Hash of everything that changes the prepared result; file contents count, file paths do not."""
     data = cfg.data
-    memo_dir = cache_root(cfg) / "digests"
+    memo_dir = cfg.cache_dir / "digests"
 
     def dataset_material(ds) -> dict:
         fields = {k: v for k, v in dataclasses.asdict(ds).items() if k != "path"}

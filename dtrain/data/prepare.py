@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dtrain.build_once import BuildFailed, build_once
-from dtrain.data.cache import DONE_FILE, cache_key, cache_root, is_complete
+from dtrain.data.cache import DONE_FILE, cache_key, is_complete
 from dtrain.data.chat import chat_example, training_chat_template
 from dtrain.data.errors import DataError, RowError
 from dtrain.data.formats import IGNORE, Example, instruction_example, text_example
@@ -49,7 +49,7 @@ def prepare_data(cfg, tokenizer, *, rank: int, world_size: int) -> PreparedData:
 
     world_size is accepted for symmetry with the trainer; the split across ranks is the trainer's (global order).
     """
-    folder = cache_root(cfg) / cache_key(cfg, tokenizer)
+    folder = cfg.cache_dir / cache_key(cfg, tokenizer)
     try:
         hit = build_once(
             folder,

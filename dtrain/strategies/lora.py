@@ -39,9 +39,9 @@ class Lora:
         return []
 
     def model_problems(self, cfg: Config) -> list[str]:
-        from dtrain.strategies import peft_adapters
+        from dtrain.strategies.targets import target_problems
 
-        return peft_adapters.target_problems(cfg)
+        return target_problems(cfg)
 
     def layout_problems(self, cfg: Config, nnodes: int) -> list[str]:
         return []

@@ -5,8 +5,9 @@ Both strategies train only the adapter (plus `lora.modules_to_save`), so checkpo
 DeepSpeed writes the adapter, its optimizer state and the scheduler; dtrain.checkpoint adds RNG (LoRA dropout
 draws from it) and the data position. The base comes back from `model.path` on resume and at export.
 
-Checks that need the model's shape (which modules exist) read config.json and build the model on the meta device:
-no weights are loaded, so `dtrain check` runs them on a login node for an 8B model in seconds (mostly imports).
+Counts that need the model's shape read config.json and build the model on the meta device: no weights are loaded,
+so `dtrain check` runs them on a login node for an 8B model in seconds (mostly imports). Which modules LoRA can
+target: dtrain.strategies.targets.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 REPORT_FILE = "trainable_parameters.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_ADAPTABLE = ("Linear", "Linear4bit", "Embedding", "Conv1D", "Conv1d", "Conv2d")
 
 
 def peft_config(lora: LoraConfig, base_model_path: str | None = None) -> Any:
@@ -137,47 +137,6 @@ def expected_adapter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Trained tensor name (as in the engine's module) -> shape, for the adapter of `cfg`."""
     model = meta_peft_model(cfg)
     return {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Problems a config can have that only the model (or the launch layout) reveals: reported by `dtrain check`.
-
-
-def target_problems(cfg: Config) -> list[str]:
-    """Target modules and modules_to_save that this model does not have, each naming its key."""
-    if not (cfg.model.local_dir() / "config.json").is_file():
-        return []  # a missing model directory is reported by the config validation
-    try:
-        model = meta_model(cfg.model.local_dir(), cfg.model.trust_remote_code)
-    except (ValueError, KeyError, OSError) as e:
-        return [f"model.path: cannot build the model from {cfg.model.path}/config.json: {e}"]
-    modules = dict(model.named_modules())
-    adaptable = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if _is_adaptable(m)})
-    problems = []
-    if isinstance(cfg.lora.target_modules, list):
-        for i, target in enumerate(cfg.lora.target_modules):
-            found = [m for name, m in modules.items() if _matches(name, target)]
-            if not found:
-                problems.append(
-                    f"lora.target_modules[{i}]: {target!r} is no module of this {type(model).__name__} "
-                    f"(its layers LoRA can adapt: {', '.join(adaptable)}; or use 'all-linear')"
-                )
-            elif not any(_is_adaptable(m) for m in found):
-                kind = type(found[0]).__name__
-                problems.append(f"lora.target_modules[{i}]: {target!r} is a {kind}, which LoRA cannot adapt")
-    for i, name in enumerate(cfg.lora.modules_to_save):
-        if not any(_matches(module, name) for module in modules):
-            problems.append(f"lora.modules_to_save[{i}]: {name!r} is no module of this {type(model).__name__}")
-    return problems
-
-
-def _matches(module_name: str, target: str) -> bool:
-    return module_name == target or module_name.endswith("." + target)
-
-
-def _is_adaptable(module: torch.nn.Module) -> bool:
-    # On the meta device a qlora base is still nn.Linear: bitsandbytes swaps those for Linear4bit at load.
-    return type(module).__name__ in _ADAPTABLE
 
 
 # ---------------------------------------------------------------------------------------------------------------

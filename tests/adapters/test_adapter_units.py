@@ -5,6 +5,8 @@ config.json alone), `dtrain check` problems, the bitsandbytes CPU workaround, gr
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,10 @@ from dtrain.strategies.peft_adapters import (
     count_parameters,
     peft_config,
     planned_report,
-    target_problems,
 )
 from dtrain.strategies.qlora import bnb_config, disable_cpu_weight_repacking
+from dtrain.strategies.targets import target_problems
+from tests.helpers import REPO, run_dtrain, write_config
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
 STAGE0 = {"zero_optimization": {"stage": 0}}
@@ -100,6 +103,37 @@ def test_unknown_target_module_and_module_to_save_are_named(tiny_model, llama3_8
     full = adapter_cfg(tiny_model, target_modules=["nope"])
     full.strategy = "full"
     assert strategies.get("full").model_problems(full) == []
+
+
+def test_a_launch_reads_the_cached_module_list_without_importing_transformers(tiny_model, tmp_path):
+    """The first check builds the model on the meta device and caches its modules, keyed by config.json: the next
+    launch of that model checks its LoRA targets from the cache, with neither transformers nor torch imported; a
+    changed config.json is built again."""
+    config = write_config(tmp_path / "cfg.yaml", tiny_model, base="configs/tiny-lora.yaml")
+    assert run_dtrain("check", str(config), in_process=True).returncode == 0
+    cached = list((tmp_path / ".dtrain-cache" / "modules").glob("*.json"))
+    assert len(cached) == 1
+    launch = f"""
+import sys
+from dtrain.config import ConfigError
+from dtrain.preflight import Launch, preflight
+try:
+    preflight({str(config)!r}, ["lora.target_modules=[q_proj,nope]"], Launch(1, 2))
+except ConfigError as e:
+    print(e.problems)
+print(sorted({{"transformers", "torch"}} & set(sys.modules)))
+"""
+    proc = subprocess.run([sys.executable, "-c", launch], capture_output=True, text=True, cwd=REPO)
+    problems, imported = proc.stdout.strip().splitlines()
+    assert "lora.target_modules[1]: 'nope' is no module of this LlamaForCausalLM" in problems, proc.stderr[-2000:]
+    assert imported == "[]"
+
+    changed = tmp_path / "deeper"
+    changed.mkdir()
+    shape = json.loads((tiny_model / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**shape, "num_hidden_layers": shape["num_hidden_layers"] + 1}))
+    assert target_problems(adapter_cfg(changed, tmp=tmp_path / "run", target_modules=["q_proj"])) == []
+    assert len(list((tmp_path / ".dtrain-cache" / "modules").glob("*.json"))) == 2
 
 
 def test_rank_zero_and_qlora_across_nodes_are_refused_naming_the_key(tiny_model):
