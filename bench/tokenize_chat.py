@@ -1,13 +1,15 @@
 """Chat tokenization throughput: dtrain with 1 and N processes vs `datasets.map(num_proc=N)`.
 
-    python bench/tokenize_chat.py [--rows 20000 --procs 2]
+    python bench/tokenize_chat.py [--rows 20000 --procs 2 --repeats 3]
 
 20,000 chat rows (the bundled sample conversations, each made unique by its row number so the tokenizer's word
-cache does not flatter repeats) are written to a .jsonl file, then read and tokenized three ways with the same row
-function and chat template (the tiny model's ChatML): dtrain's `tokenize_dataset` with num_proc 1 and N, and the
-reference `datasets.Dataset.from_json(...).map(fn, num_proc=N)`. Rows/s are printed with ratios to dtrain on one
-process and to the reference, and the CPU time per row of all processes (parent and workers): on a machine shared
-with other work the wall-clock ratios drift, the CPU per row shows the overhead of going parallel.
+cache does not flatter repeats) are written to a .jsonl file, then read and tokenized four ways with the same row
+function and chat template (the tiny model's ChatML): dtrain's `tokenize_dataset` with num_proc 1 and N (forked
+workers, as `dtrain prepare` runs), N inside a process group (workers from a forkserver, as rank 0 of a run), and the
+reference `datasets.Dataset.from_json(...).map(fn, num_proc=N)`. The four alternate within each repeat (the order
+rotates every repeat, so a noisy machine slows all alike); printed per variant: median rows/s, the ratios to dtrain
+on one process and to the reference (each taken within a repeat, then the median, with min-max), and the CPU time
+per row of all processes (parent and workers), which shows the overhead of going parallel.
 
 Scaling: the parent reads rows, sends chunks and collects results, ~0.1 ms of CPU per row against ~1.1 ms of
 tokenizing in a worker (measured here), so N workers scale until the parent is busy: about 10 workers' worth,
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -81,31 +84,64 @@ def datasets_run(path: Path, tokenizer, procs: int, cache: Path) -> Clock:
     return clock
 
 
+def in_process_group(run):
+    """`run` inside a one-rank gloo group: what rank 0 of a training run tokenizes in."""
+    import torch.distributed as dist
+
+    def wrapped(*args):
+        with tempfile.TemporaryDirectory() as tmp:
+            dist.init_process_group("gloo", store=dist.FileStore(f"{tmp}/store", 1), rank=0, world_size=1)
+            try:
+                return run(*args)
+            finally:
+                dist.destroy_process_group()
+
+    return wrapped
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
+    n = args.procs
+    one, reference = "dtrain, 1 process", f"datasets.map(num_proc={n})"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tokenizer = AutoTokenizer.from_pretrained(make_tiny_model(root / "tiny"))
         path = root / "chats.jsonl"
         write_rows(path, args.rows)
-        results = {
-            "dtrain, 1 process": dtrain_run(path, tokenizer, 1),
-            f"dtrain, {args.procs} processes": dtrain_run(path, tokenizer, args.procs),
-            f"datasets.map(num_proc={args.procs})": datasets_run(path, tokenizer, args.procs, root / "cache"),
+        variants = {
+            one: lambda: dtrain_run(path, tokenizer, 1),
+            f"dtrain, {n} processes (fork)": lambda: dtrain_run(path, tokenizer, n),
+            f"dtrain, {n} in a rank (forkserver)": lambda: in_process_group(dtrain_run)(path, tokenizer, n),
+            reference: lambda: datasets_run(path, tokenizer, n, root / "cache"),
         }
-    base = results["dtrain, 1 process"].wall
-    reference = results[f"datasets.map(num_proc={args.procs})"].wall
-    print(f"{args.rows} chat rows, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'':30} {'rows/s':>8} {'vs 1 process':>13} {'vs datasets.map':>16} {'CPU ms/row':>11}")
-    for name, clock in results.items():
+        names = list(variants)
+        clocks: dict[str, list[Clock]] = {name: [] for name in names}
+        for repeat in range(args.repeats):
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+                clocks[name].append(variants[name]())
+    load = os.getloadavg()[0]
+    print(f"{args.rows} chat rows, {args.repeats} repeats, load average {load:.1f} on {os.cpu_count()} cores")
+    print(f"{'':36} {'rows/s':>8} {'vs 1 process':>20} {'vs datasets.map':>20} {'CPU ms/row':>11}")
+    for name in names:
+        walls = [c.wall for c in clocks[name]]
+        vs_one = [a.wall / b for a, b in zip(clocks[one], walls, strict=True)]
+        vs_ref = [a.wall / b for a, b in zip(clocks[reference], walls, strict=True)]
+        # a forkserver's workers are its children, not ours: their CPU time is not in our rusage
+        cpu = (
+            "-" if "forkserver" in name else f"{1000 * statistics.median(c.cpu for c in clocks[name]) / args.rows:.2f}"
+        )
         print(
-            f"{name:30} {args.rows / clock.wall:8.0f} {base / clock.wall:12.2f}x {reference / clock.wall:15.2f}x"
-            f" {1000 * clock.cpu / args.rows:11.2f}"
+            f"{name:36} {args.rows / statistics.median(walls):8.0f} {spread(vs_one):>20} {spread(vs_ref):>20} {cpu:>11}"
         )
 
 

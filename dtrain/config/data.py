@@ -124,9 +124,8 @@ class DataConfig:
     cache_dir: str | None = None
     """Where tokenized data is cached; default <output_dir>/../.dtrain-cache."""
     num_proc: int | None = None
-    """Processes tokenizing in `dtrain prepare`; default the cores available to it. Inside a training rank the data
-    is tokenized in one process (forking a multi-threaded rank can hang): prepare large corpora ahead with
-    `dtrain prepare`. Any value gives the same samples (same order, same packing)."""
+    """Processes tokenizing the data (by `dtrain prepare`, or by rank 0 of a run when the cache misses); default the
+    cores available to that process. Any value gives the same samples (same order, same packing)."""
 
     def problems(self, check_paths: bool) -> list[str]:
         problems = [] if self.datasets else ["data.datasets: at least one training dataset is required"]

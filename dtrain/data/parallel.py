@@ -22,6 +22,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 CHUNK_ROWS = 256  # large enough that pickling overhead stays small, small enough to keep both workers busy
+# Tokenized in the calling process before any worker starts: starting them costs ~2 s from a forkserver (each worker
+# imports transformers to unpickle the tokenizer), which pays off only beyond about this many rows (~1 ms each).
+SERIAL_ROWS = 2000
 
 _row_fn: Callable[[Any], Any] | None = None  # each worker's, set by _start_worker
 
@@ -33,15 +36,18 @@ def default_num_proc() -> int:
 
 def ordered_map(fn: Callable[[Any], Any], rows: Iterable[tuple[str, Any]], num_proc: int) -> Iterator[tuple[str, Any]]:
     """(where, fn(row)) for each (where, row), in input order, computed by `num_proc` processes."""
-    if num_proc <= 1 or "forkserver" not in multiprocessing.get_all_start_methods():
-        for where, row in rows:
-            yield where, fn(row)
+    parallel = num_proc > 1 and "forkserver" in multiprocessing.get_all_start_methods()
+    iterator = iter(rows)
+    for where, row in itertools.islice(iterator, SERIAL_ROWS if parallel else None):
+        yield where, fn(row)
+    first = next(iterator, None)
+    if first is None:
         return
+    rest = itertools.chain([first], iterator)
     wheres: deque[list[str]] = deque()  # filled by imap's feeder thread; results come back in the same order
 
     def row_chunks() -> Iterator[list[Any]]:
-        iterator = iter(rows)
-        while chunk := list(itertools.islice(iterator, CHUNK_ROWS)):
+        while chunk := list(itertools.islice(rest, CHUNK_ROWS)):
             wheres.append([where for where, _ in chunk])
             yield [row for _, row in chunk]
 

@@ -1,10 +1,11 @@
 """Which modules LoRA can adapt in a model, checked by `dtrain check` and before every launch.
 
 The modules (name -> class name) come from the model built from config.json on the meta device. Building it means
-importing transformers: 4-6 s before any rank starts, on every launch. So the list is cached in the run's cache
-folder, keyed by config.json's bytes and the transformers version, and later launches of the same model read a small
-JSON file without importing torch. A model with its own code (trust_remote_code) is built every time: its modules
-come from code files that config.json does not pin.
+importing transformers: 4-6 s before any rank starts, on every launch. So the list is cached per user (like the
+Hugging Face cache: $XDG_CACHE_HOME/dtrain, else ~/.cache/dtrain; not the run folder, which a refused config must
+leave untouched), keyed by config.json's bytes and the transformers version, and later launches of the same model
+read a small JSON file without importing torch. A model with its own code (trust_remote_code) is built every time:
+its modules come from code files that config.json does not pin.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -54,7 +56,7 @@ def model_modules(cfg: Config) -> tuple[str, dict[str, str]]:
         return _build(cfg)
     config_json = (cfg.model.local_dir() / "config.json").read_bytes()
     key = hashlib.sha256(config_json + version("transformers").encode()).hexdigest()[:32]
-    cached = cfg.cache_dir / "modules" / f"{key}.json"
+    cached = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dtrain" / "modules" / f"{key}.json"
     try:
         found = json.loads(cached.read_text())
         return found["model"], found["modules"]

@@ -105,13 +105,14 @@ def test_unknown_target_module_and_module_to_save_are_named(tiny_model, llama3_8
     assert strategies.get("full").model_problems(full) == []
 
 
-def test_a_launch_reads_the_cached_module_list_without_importing_transformers(tiny_model, tmp_path):
+def test_a_launch_reads_the_cached_module_list_without_importing_transformers(tiny_model, tmp_path, monkeypatch):
     """The first check builds the model on the meta device and caches its modules, keyed by config.json: the next
     launch of that model checks its LoRA targets from the cache, with neither transformers nor torch imported; a
     changed config.json is built again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
     config = write_config(tmp_path / "cfg.yaml", tiny_model, base="configs/tiny-lora.yaml")
     assert run_dtrain("check", str(config), in_process=True).returncode == 0
-    cached = list((tmp_path / ".dtrain-cache" / "modules").glob("*.json"))
+    cached = list((tmp_path / "user-cache" / "dtrain" / "modules").glob("*.json"))
     assert len(cached) == 1
     launch = f"""
 import sys
@@ -133,7 +134,7 @@ print(sorted({{"transformers", "torch"}} & set(sys.modules)))
     shape = json.loads((tiny_model / "config.json").read_text())
     (changed / "config.json").write_text(json.dumps({**shape, "num_hidden_layers": shape["num_hidden_layers"] + 1}))
     assert target_problems(adapter_cfg(changed, tmp=tmp_path / "run", target_modules=["q_proj"])) == []
-    assert len(list((tmp_path / ".dtrain-cache" / "modules").glob("*.json"))) == 2
+    assert len(list(cached[0].parent.glob("*.json"))) == 2
 
 
 def test_rank_zero_and_qlora_across_nodes_are_refused_naming_the_key(tiny_model):

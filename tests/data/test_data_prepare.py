@@ -13,7 +13,7 @@ import pytest
 import torch.distributed as dist
 
 from dtrain.config import DatasetConfig
-from dtrain.data import DataError, prepare_command, prepare_data
+from dtrain.data import DataError, parallel, prepare_command, prepare_data
 from dtrain.data.cache import cache_key
 from dtrain.tiny import SAMPLE_DIR
 
@@ -156,9 +156,10 @@ def test_prepare_command_prints_the_counts(make_cfg):
 
 
 @pytest.mark.parametrize("in_rank", [False, True], ids=["prepare", "in-a-rank"])
-def test_parallel_tokenization_gives_the_same_samples_and_report(tmp_path, make_cfg, tokenizer, in_rank):
+def test_parallel_tokenization_gives_the_same_samples_and_report(tmp_path, make_cfg, tokenizer, in_rank, monkeypatch):
     """Forked workers (dtrain prepare), or inside a rank (a gloo process group and its threads) workers started by a
-    forkserver: the samples and the report of one process either way."""
+    forkserver, after the first rows in the calling process: the samples and the report of one process either way."""
+    monkeypatch.setattr(parallel, "SERIAL_ROWS", 100)
     mixed = tmp_path / "mixed.jsonl"
     lines = CHAT.read_text().splitlines()
     mixed.write_text("\n".join(lines[:150] + ["not json", '{"messages": []}'] + lines[150:]) + "\n")
@@ -168,10 +169,10 @@ def test_parallel_tokenization_gives_the_same_samples_and_report(tmp_path, make_
         cfg = make_cfg((mixed, "chat"), (TEXT, "text"), on_bad_row="skip", cache_dir=cache, num_proc=num_proc)
         with process_group(tmp_path / "store") if in_rank else contextlib.nullcontext():
             prepared[num_proc] = prepare_data(cfg, tokenizer, rank=0, world_size=1)
-    serial, parallel = prepared[1], prepared[2]
+    one, two = prepared[1], prepared[2]
     for name in ("input_ids", "labels", "position_ids", "offsets"):
-        assert np.array_equal(getattr(serial.train, name), getattr(parallel.train, name)), name
-    assert serial.report.datasets == parallel.report.datasets and serial.report.skipped == {
+        assert np.array_equal(getattr(one.train, name), getattr(two.train, name)), name
+    assert one.report.datasets == two.report.datasets and one.report.skipped == {
         "malformed JSON": 1,
         "empty conversation": 1,
     }
