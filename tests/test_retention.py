@@ -183,3 +183,24 @@ def test_retention_config_problems_name_their_key(tmp_path, tiny_model):
         load_config(config, ["eval.retention={general: {path: gone.jsonl}, a/b: {path: x.parquet}}"])
     assert "eval.retention.general.path: gone.jsonl does not exist" in error.value.problems
     assert any(re.match(r"eval\.retention\.a/b: a name must be", p) for p in error.value.problems)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize(("base", "overrides"), [
+    ("configs/tiny-full-zero3.yaml", []),
+    ("configs/tiny-qlora.yaml", ["deepspeed.stage=3"]),
+])  # fmt: skip
+def test_dtrain_eval_agrees_with_the_trainer_for_full_and_qlora(tmp_path, tiny_model, base, overrides):
+    """The strategies' other two model builds: ZeRO-3 shards consolidated (full), the 4-bit base (qlora)."""
+    config = write_config(tmp_path / "cfg.yaml", tiny_model, base=base)
+    retention = {"general": {"path": str(REPO / "data/sample/instruction.jsonl"), "format": "instruction"}}
+    raw = load_config(config, [*OVERRIDES[:-1], *overrides]).to_dict()
+    raw["eval"]["retention"] = retention
+    config.write_text(json.dumps(raw))
+    launch(config)
+    run = tmp_path / "run"
+    rows = eval_table(str(run), "--data", str(config))
+    general = read_metrics(run, "retention/general/loss")
+    assert rows["eval"][1] == pytest.approx(read_metrics(run, "eval/loss")[2], abs=2e-4)
+    assert rows["general"][1] == pytest.approx(general[2], abs=2e-4)
+    assert rows["general"][3] == pytest.approx(general[0], abs=2e-4)
