@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
@@ -33,6 +33,9 @@ class Progress:
     tokens_seen: int = 0
     global_batch_size: int = 0
     world_size: int = 0
+    retention_baseline: dict[str, float] = field(default_factory=dict)
+    """eval.retention's losses at step 0 (the base model), by name: kept so a resumed run does not re-measure them
+    on weights that are no longer the base's (dtrain.retention)."""
 
 
 def checkpoint_name(step: int) -> str:

@@ -71,9 +71,8 @@ def hub_problems(cfg: Config) -> list[str]:
     wanted = [("model.path", cfg.model.path, cfg.model.revision, "model")]
     if cfg.model.tokenizer_path:
         wanted.append(("model.tokenizer_path", cfg.model.tokenizer_path, None, "model"))
-    for section in ("datasets", "eval_datasets"):
-        for i, ds in enumerate(getattr(cfg.data, section)):
-            wanted.append((f"data.{section}[{i}].path", ds.path, ds.revision, "dataset"))
+    for key, ds in cfg.dataset_entries():
+        wanted.append((f"{key}.path", ds.path, ds.revision, "dataset"))
     problems = []
     for key, path, revision, repo_type in wanted:
         if path and hub.is_hub_id(path):
@@ -122,7 +121,7 @@ def model_file_problems(cfg: Config) -> list[str]:
 
 def chat_template_problems(cfg: Config) -> list[str]:
     """A chat template with a Jinja syntax error is otherwise found only while preparing the data, inside a rank."""
-    if not any(ds.format == "chat" for ds in cfg.data.datasets + cfg.data.eval_datasets):
+    if not any(ds.format == "chat" for _, ds in cfg.dataset_entries()):
         return []
     key, template = "data.chat_template", cfg.data.chat_template
     if template is None:

@@ -7,7 +7,6 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from dtrain.config import Config
 from dtrain.data import PreparedData, collate, prefetched, prepare_data
 from dtrain.dist import DistEnv, decided_by_main
 from dtrain.ds_config import build_deepspeed_config
+from dtrain.evaluation import eval_batches, token_mean_loss
 from dtrain.loss import install_chunked_loss
 from dtrain.metrics import MetricsLogger
 from dtrain.optim import build_optimizer
@@ -28,6 +28,7 @@ from dtrain.order import DataOrder, rank_micro_batches
 from dtrain.preemption import StopFlag
 from dtrain.reshard import ensure_universal, unshare_step_counters
 from dtrain.resume import plan_resume
+from dtrain.retention import retention_scalars, summary_lines
 from dtrain.schedule import lr_factor
 from dtrain.startup import StartupClock
 
@@ -97,7 +98,8 @@ class Trainer:
         if self.resume.checkpoint is not None:
             self.startup.mark("resume")
         log = MetricsLogger(self.cfg, self.env.is_main, progress.step, self.total_steps)
-        first_step, stopping = progress.step + 1, False
+        self._retention_baseline(progress, log)
+        first_step, stopping, last_eval = progress.step + 1, False, None
         while progress.step < self.total_steps and not stopping:
             started = time.perf_counter()
             result = self.train_step(progress.samples_seen)
@@ -108,23 +110,18 @@ class Trainer:
             log.log(progress.step, self._scalars(result, elapsed))
             log.advance()
             if progress.step == first_step:
-                self.startup.mark("first step")
-                log.message(self.startup.line())
-                log.message(attention_for(self.cfg).line())
-                log.log(progress.step, self.startup.phases, prefix="startup", force=True)
+                self._log_startup(progress.step, log)
             if self._should_eval(progress.step):
-                log.log(progress.step, {"loss": self.evaluate()}, prefix="eval", force=True)
+                last_eval = self._eval_and_log(progress, log)
             stopping = result.stop
             finished = progress.step >= self.total_steps
             if self.checkpointer.should_save(progress.step, finished, stopping):
-                save_started = time.perf_counter()
-                saved = self.checkpointer.save(self.engine, progress)
-                log.log(
-                    progress.step, self._save_scalars(saved, time.perf_counter() - save_started), "checkpoint", True
-                )
-                log.message(f"saved {saved}")
+                self._save(progress, log)
         if stopping:
             self.stop_flag.settle()
+        if last_eval is not None:
+            for line in summary_lines(*last_eval, progress.retention_baseline):
+                log.message(line)
         log.close()
         self.collator.shutdown()
         return FitResult(progress, preempted=stopping and progress.step < self.total_steps)
@@ -157,25 +154,37 @@ class Trainer:
         tokens = int(sum(self.data.train.lengths[i] for i in step_samples))
         return StepResult(loss_total / max(1, label_tokens), tokens, norm, self.stop_flag.agree(votes))
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-mean loss over the held-out split; every rank runs the same number of batches (ZeRO-3 gathers
-        parameters collectively, so a rank that stops early would hang the others)."""
+    def evaluate(self, samples: Any) -> float:
+        """Token-mean loss over `samples` (the held-out split, a retention set); all ranks take part."""
         self.engine.eval()
         world, micro = self.layout.world_size, self.layout.micro_batch_size
-        rounds = len(self.data.eval) // (world * micro)
-        if self.cfg.eval.max_batches:
-            rounds = min(rounds, self.cfg.eval.max_batches)
-        totals = torch.zeros(2, device=self.env.device)
-        for m in range(rounds):
-            start = (m * world + self.env.rank) * micro
-            batch = self._to_device(self._host_batch(self.data.eval, list(range(start, start + micro))))
-            one = torch.tensor(1.0, device=self.env.device)
-            totals[0] += self.engine(**batch, num_items_in_batch=one).loss.float()
-            totals[1] += (batch["labels"][:, 1:] != -100).sum()
-        dist.all_reduce(totals)
+        batches = eval_batches(len(samples), self.env.rank, world, micro, self.cfg.eval.max_batches)
+        loss = token_mean_loss(self.engine, samples, batches, self._model_batch, self.env.device)
         self.engine.train()
-        return (totals[0] / totals[1].clamp(min=1)).item()
+        return loss
+
+    def _eval_and_log(self, progress: Progress, log: MetricsLogger) -> tuple[int, float | None, dict[str, float]]:
+        """The task eval loss and the retention losses at this step; (step, eval loss, retention losses)."""
+        eval_loss = None
+        if self.data.eval is not None and len(self.data.eval) > 0:
+            eval_loss = self.evaluate(self.data.eval)
+            log.log(progress.step, {"loss": eval_loss}, prefix="eval", force=True)
+        losses = {name: self.evaluate(samples) for name, samples in self.data.retention.items()}
+        if losses:
+            log.log(progress.step, retention_scalars(losses, progress.retention_baseline), "retention", True)
+        return progress.step, eval_loss, losses
+
+    def _retention_baseline(self, progress: Progress, log: MetricsLogger) -> None:
+        """Measure eval.retention on the base before the first step, once per run: a resumed run brings its own."""
+        missing = [name for name in self.data.retention if name not in progress.retention_baseline]
+        if not missing:
+            return
+        if progress.step > 0:
+            log.message(f"retention {', '.join(missing)}: added after step 0, no baseline; drift is not reported")
+            return
+        for name in missing:
+            progress.retention_baseline[name] = self.evaluate(self.data.retention[name])
+        log.log(0, retention_scalars(progress.retention_baseline, progress.retention_baseline), "retention", True)
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -201,8 +210,13 @@ class Trainer:
         return progress
 
     def _host_batch(self, samples: Any, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self._collate([samples[i] for i in indices])
+
+    def _model_batch(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        return self._to_device(self._collate(rows))
+
+    def _collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Collated on the host; in pinned memory when it goes to a GPU, so the copy can run asynchronously."""
-        rows = [samples[i] for i in indices]
         batch = collate(rows, self.tokenizer.pad_token_id, self.cfg.data.seq_len, self.cfg.data.packing)
         if self.env.device.type == "cuda":
             batch = {k: v.pin_memory() for k, v in batch.items()}
@@ -223,13 +237,24 @@ class Trainer:
             "step_time": elapsed,
         }
 
-    def _save_scalars(self, saved: Path, seconds: float) -> dict[str, float]:
-        """Seconds of the save (all ranks written, synced, renamed) and the bytes it wrote; rank 0 only (it logs)."""
+    def _log_startup(self, step: int, log: MetricsLogger) -> None:
+        self.startup.mark("first step")
+        log.message(self.startup.line())
+        log.message(attention_for(self.cfg).line())
+        log.log(step, self.startup.phases, prefix="startup", force=True)
+
+    def _save(self, progress: Progress, log: MetricsLogger) -> None:
+        """Save, and log its seconds (all ranks written, synced, renamed) and the bytes it wrote (rank 0 logs)."""
+        started = time.perf_counter()
+        saved = self.checkpointer.save(self.engine, progress)
+        seconds = time.perf_counter() - started
         written = tree_bytes(saved) if self.env.is_main else 0
-        return {"save_seconds": seconds, "bytes": written, "bytes_per_s": written / seconds}
+        log.log(progress.step, {"save_seconds": seconds, "bytes": written, "bytes_per_s": written / seconds},
+                prefix="checkpoint", force=True)  # fmt: skip
+        log.message(f"saved {saved}")
 
     def _should_eval(self, step: int) -> bool:
-        if self.data.eval is None or len(self.data.eval) == 0:
+        if (self.data.eval is None or len(self.data.eval) == 0) and not self.data.retention:
             return False
         every = self.cfg.eval.every_steps
         return step == self.total_steps or (every > 0 and step % every == 0)

@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 
+from dtrain_launch.eval_cmd import add_eval_parser
 from dtrain_launch.export_cmd import add_export_parser
 from dtrain_launch.submit_cmd import add_submit_parsers
 from dtrain_launch.validate import fit_report, launch_warnings, ops_report
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(handler=cmd_train)
 
     add_export_parser(commands)
+    add_eval_parser(commands)
     add_submit_parsers(commands)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random Llama model + tokenizer (for smoke tests)")

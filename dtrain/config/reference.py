@@ -45,7 +45,8 @@ def _rows(cls: type, prefix: str) -> list[str]:
 def reference_markdown() -> str:
     """One table row per config key: dotted key, default, meaning (the docstring under the field)."""
     header = ["| key | default | meaning |", "| --- | --- | --- |"]
-    dataset = ["", "Each entry of `data.datasets` / `data.eval_datasets`:", "", *header, *_rows(DatasetConfig, "")]
+    entries = "Each entry of `data.datasets` / `data.eval_datasets` / `eval.retention.<name>`:"
+    dataset = ["", entries, "", *header, *_rows(DatasetConfig, "")]
     return "\n".join(header + _rows(Config, "") + dataset) + "\n"
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from dtrain.config.data import DataConfig
+from dtrain.config.data import DataConfig, DatasetConfig
 from dtrain.config.deepspeed import DeepSpeedConfig, precision_stage_problems
 from dtrain.config.model import LoraConfig, ModelConfig, QuantizationConfig
 from dtrain.config.train import TrainConfig
@@ -96,16 +96,26 @@ class ExportConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 0
-    """Eval loss on the held-out split every this many steps; 0 only at the end (if there is eval data)."""
+    """Eval loss on the held-out split and eval.retention every this many steps; 0 only at the end (if there is
+    eval data)."""
     max_batches: int | None = None
     """Cap on eval micro batches per rank."""
+    retention: dict[str, DatasetConfig] = field(default_factory=dict)
+    """General-domain datasets (name -> a dataset entry as in data.datasets; format text typical) whose loss shows
+    what the fine-tune cost the base: measured on the base before the first step and at every eval, logged as
+    retention/<name>/loss and retention/<name>/drift (the change since step 0). The step-0 loss is stored in every
+    checkpoint, so a resumed run reports drift from the same baseline."""
 
-    def problems(self) -> list[str]:
+    def problems(self, check_paths: bool = True) -> list[str]:
         problems = []
         if self.every_steps < 0:
             problems.append(f"eval.every_steps: must be >= 0, got {self.every_steps}")
         if self.max_batches is not None and self.max_batches < 1:
             problems.append(f"eval.max_batches: must be >= 1, got {self.max_batches}")
+        for name, ds in self.retention.items():
+            if not name or "/" in name or name != name.strip():
+                problems.append(f"eval.retention.{name}: a name must be non-empty, without '/' or edge spaces")
+            problems += ds.problems(f"eval.retention.{name}", check_paths)
         return problems
 
 
@@ -143,6 +153,12 @@ class Config:
     def tokenizer_path(self) -> str:
         return self.model.tokenizer_path or self.model.path
 
+    def dataset_entries(self) -> list[tuple[str, DatasetConfig]]:
+        """Every dataset the run reads (training, eval, retention), with its dotted key."""
+        entries = [(f"data.datasets[{i}]", ds) for i, ds in enumerate(self.data.datasets)]
+        entries += [(f"data.eval_datasets[{i}]", ds) for i, ds in enumerate(self.data.eval_datasets)]
+        return entries + [(f"eval.retention.{name}", ds) for name, ds in self.eval.retention.items()]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -160,7 +176,7 @@ class Config:
             lambda: precision_stage_problems(self.train.precision, self.deepspeed.stage),
             self.quantization.problems,
             self.checkpoint.problems,
-            self.eval.problems,
+            lambda: self.eval.problems(check_paths),
             self.logging.problems,
             lambda: self.export.problems(self.strategy),
         ]

@@ -74,6 +74,8 @@ def cache_key(cfg, tokenizer) -> str:
         "seed": cfg.train.seed if seeded else None,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    if cfg.eval.retention:  # only then: a run without retention sets keeps its cache
+        material["retention"] = {name: dataset_material(ds) for name, ds in cfg.eval.retention.items()}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

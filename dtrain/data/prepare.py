@@ -20,7 +20,7 @@ import functools
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,8 @@ class PreparedData:
     train: Samples
     eval: Samples | None
     report: PrepareReport
+    retention: dict[str, Samples] = field(default_factory=dict)
+    """eval.retention's datasets by name: never trained on, evaluated on their own."""
 
 
 def prepare_data(cfg, tokenizer, *, rank: int, world_size: int) -> PreparedData:
@@ -53,7 +55,7 @@ def prepare_data(cfg, tokenizer, *, rank: int, world_size: int) -> PreparedData:
     try:
         hit = build_once(
             folder,
-            lambda tmp: write_prepared(tmp, folder, *build_prepared(cfg, tokenizer)),
+            lambda tmp: write_prepared(tmp, folder, build_prepared(cfg, tokenizer)),
             is_builder=rank == 0,
             is_complete=is_complete,
         )
@@ -70,24 +72,25 @@ def prepare_command(cfg) -> str:
     return str(prepare_data(cfg, tokenizer, rank=0, world_size=1).report)
 
 
-def write_prepared(
-    folder: Path, final: Path, train: Samples, eval_samples: Samples | None, report: PrepareReport
-) -> None:
+def write_prepared(folder: Path, final: Path, prepared: PreparedData) -> None:
     """Into `folder`, which is renamed to `final` once complete."""
-    train.save(folder, "train")
-    if eval_samples is not None:
-        eval_samples.save(folder, "eval")
-    report.cache_path = str(final)
-    (folder / DONE_FILE).write_text(json.dumps(report.to_dict(), indent=1))  # last: marks the folder complete
+    prepared.train.save(folder, "train")
+    if prepared.eval is not None:
+        prepared.eval.save(folder, "eval")
+    for index, samples in enumerate(prepared.retention.values()):  # by position: names need not be file names
+        samples.save(folder, f"retention-{index}")
+    prepared.report.cache_path = str(final)
+    (folder / DONE_FILE).write_text(json.dumps(prepared.report.to_dict(), indent=1))  # last: marks it complete
 
 
 def load_prepared(folder: Path) -> PreparedData:
     report = PrepareReport.from_dict(json.loads((folder / DONE_FILE).read_text()))
     eval_samples = Samples.load(folder, "eval") if report.eval is not None else None
-    return PreparedData(Samples.load(folder, "train"), eval_samples, report)
+    retention = {name: Samples.load(folder, f"retention-{i}") for i, name in enumerate(report.retention)}
+    return PreparedData(Samples.load(folder, "train"), eval_samples, report, retention)
 
 
-def build_prepared(cfg, tokenizer) -> tuple[Samples, Samples | None, PrepareReport]:
+def build_prepared(cfg, tokenizer) -> PreparedData:
     started = time.time()
     data, seed = cfg.data, cfg.train.seed
     report = PrepareReport(seq_len=data.seq_len, packing=data.packing)
@@ -115,13 +118,25 @@ def build_prepared(cfg, tokenizer) -> tuple[Samples, Samples | None, PrepareRepo
     eval_samples = to_samples(eval_examples, data.seq_len, data.packing) if eval_examples else None
     if eval_samples is not None:
         report.eval = split_report(eval_samples, len(eval_examples), data.seq_len)
+    retention = {}
+    for name, ds in cfg.eval.retention.items():
+        retention[name], _, report.retention[name] = tokenized_samples(ds, data, tokenizer, chat_template)
     report.seconds = time.time() - started
-    return train, eval_samples, report
+    return PreparedData(train, eval_samples, report, retention)
+
+
+def tokenized_samples(ds, data, tokenizer, chat_template: str | None) -> tuple[Samples, DatasetReport, SplitReport]:
+    """One dataset on its own, tokenized and packed as data.* says (retention sets, `dtrain eval --data FILE`)."""
+    examples, ds_report = tokenize_dataset(ds, data, tokenizer, chat_template)
+    if not examples:
+        raise DataError(f"{ds.path}: no usable examples (see the skipped/dropped counts)")
+    samples = to_samples(examples, data.seq_len, data.packing)
+    return samples, ds_report, split_report(samples, len(examples), data.seq_len)
 
 
 def resolve_chat_template(cfg, tokenizer) -> str | None:
     """The template for chat datasets (None without any); a chat dataset with no template is a clear error."""
-    if not any(ds.format == "chat" for ds in cfg.data.datasets + cfg.data.eval_datasets):
+    if not any(ds.format == "chat" for _, ds in cfg.dataset_entries()):
         return None
     template = training_chat_template(cfg, tokenizer)
     if not template:

@@ -51,6 +51,8 @@ class PrepareReport:
     eval_datasets: list[DatasetReport] = field(default_factory=list)
     train: SplitReport = field(default_factory=SplitReport)
     eval: SplitReport | None = None
+    retention: dict[str, SplitReport] = field(default_factory=dict)
+    """eval.retention's datasets by name."""
     cache_path: str = ""
     cache_hit: bool = False
     seconds: float = 0.0
@@ -95,6 +97,7 @@ class PrepareReport:
         raw["eval_datasets"] = [DatasetReport(**d) for d in raw["eval_datasets"]]
         raw["train"] = SplitReport(**raw["train"])
         raw["eval"] = SplitReport(**raw["eval"]) if raw["eval"] else None
+        raw["retention"] = {name: SplitReport(**r) for name, r in raw.get("retention", {}).items()}
         return cls(**raw)
 
     def __str__(self) -> str:
@@ -105,6 +108,8 @@ class PrepareReport:
         lines.append(_split_line("train", self.train, self.packing))
         if self.eval is not None:
             lines.append(_split_line("eval", self.eval, self.packing))
+        for name, split in self.retention.items():
+            lines.append(_split_line(f"retention {name}", split, self.packing))
         total = "; ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "0"
         skipped = "; ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "0"
         lines.append(f"truncated {self.truncated}, dropped: {total}, skipped rows: {skipped}")

@@ -10,6 +10,8 @@ from dtrain.strategies.protocol import BuiltModel, CheckpointOptions, ExportOpti
 from dtrain.tables import OPTIMIZERS
 
 if TYPE_CHECKING:
+    import torch
+
     from dtrain.config import Config
     from dtrain.dist import DistEnv
     from dtrain.export import ExportResult
@@ -47,6 +49,15 @@ class Full:
 
     def export(self, kind: str, checkpoint: Path, cfg: Config, out: Path, options: ExportOptions) -> ExportResult:
         return export_hf(checkpoint, cfg, out, options)
+
+    def eval_model(self, cfg: Config, checkpoint: Path | None, device: torch.device) -> torch.nn.Module:
+        from dtrain.export import lazy_engine_tensors
+        from dtrain.strategies.loading import load_for_eval, load_trained
+
+        model = load_for_eval(cfg, device)
+        if checkpoint is not None:
+            load_trained(model, lazy_engine_tensors(checkpoint)[0], checkpoint)
+        return model
 
     def plan_terms(self, shape: ModelShape, cfg: Config) -> PlanTerms:
         optimizer = cfg.train.optimizer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,30 @@ def load_pretrained(cfg: Config, ds_config: dict[str, Any], **kwargs: Any) -> tu
         model.config.use_cache = False
     model.train()  # from_pretrained leaves the model in eval mode (dropout off)
     return model, keepalive
+
+
+def load_for_eval(cfg: Config, device: torch.device, **kwargs: Any) -> torch.nn.Module:
+    """The base as training loads it (same dtype and attention), whole in one process, on `device`, in eval mode.
+    `kwargs` go to from_pretrained (quantization; a device_map places the model itself)."""
+    model, _ = load_pretrained(cfg, {"zero_optimization": {"stage": 0}}, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    return model.eval()
+
+
+def load_trained(model: torch.nn.Module, tensors: Mapping[str, Any], checkpoint: Path) -> None:
+    """Copy a checkpoint's trained tensors (named as in the training engine's module, which is `model`'s layout)
+    into `model`, one at a time: lazy ZeRO-3 tensors materialize here. Every trainable parameter must be there."""
+    from dtrain.export import ExportError
+
+    params = dict(model.named_parameters())
+    missing = [name for name, param in params.items() if param.requires_grad and name not in tensors]
+    if missing:
+        raise ExportError(f"{checkpoint}: no trained values for {len(missing)} parameter(s), e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name in params:
+                params[name].copy_(tensor.contiguous())
 
 
 def meta_model(model_path: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:

@@ -16,6 +16,8 @@ from dtrain.plan.shape import (
 from dtrain.strategies.protocol import BuiltModel, CheckpointOptions, ExportOptions
 
 if TYPE_CHECKING:
+    import torch
+
     from dtrain.config import Config
     from dtrain.dist import DistEnv
     from dtrain.export import ExportResult
@@ -63,9 +65,26 @@ class Lora:
             return peft_adapters.export_adapter(checkpoint, cfg, out)
         return peft_adapters.export_merged(checkpoint, cfg, out, options)
 
+    def eval_model(self, cfg: Config, checkpoint: Path | None, device: torch.device) -> torch.nn.Module:
+        from dtrain.strategies.loading import load_for_eval
+
+        return with_trained_adapter(load_for_eval(cfg, device), cfg, checkpoint)
+
     def plan_terms(self, shape: ModelShape, cfg: Config) -> PlanTerms:
         counts = ParamCounts(adapter_params(shape, cfg), frozen_params(shape, cfg), 0, shape.largest_layer_params)
         return PlanTerms(counts, cfg.train.optimizer, cfg.train.precision, lora_targets(shape, cfg.lora.target_modules))
+
+
+def with_trained_adapter(base: torch.nn.Module, cfg: Config, checkpoint: Path | None) -> torch.nn.Module:
+    """`base` with the adapter `checkpoint` trained (peft's model, as in training), in eval mode; None: `base`."""
+    from dtrain.strategies import peft_adapters
+    from dtrain.strategies.loading import load_trained
+
+    if checkpoint is None:
+        return base
+    model = peft_adapters.add_adapters(base, cfg)
+    load_trained(model, peft_adapters.adapter_tensors(cfg, checkpoint), checkpoint)
+    return model.eval()
 
 
 def adapter_params(shape: ModelShape, cfg: Config) -> int:

@@ -76,6 +76,11 @@ class Strategy(Protocol):
         """Write `kind` (one of export_kinds) of `checkpoint` into the empty staging folder `out`."""
         ...
 
+    def eval_model(self, cfg: Config, checkpoint: Path | None, device: torch.device) -> torch.nn.Module:
+        """The model `checkpoint` holds (None: the base as this strategy trains on it, i.e. as at step 0), whole in
+        one process without a process group, on `device`, in eval mode (`dtrain eval`)."""
+        ...
+
     def plan_terms(self, shape: ModelShape, cfg: Config) -> PlanTerms:
         """What the planner counts for this strategy: parameters by storage, optimizer, compute dtype."""
         ...

@@ -51,8 +51,6 @@ class QLora:
 
     def build(self, cfg: Config, env: DistEnv, ds_config: dict[str, Any]) -> BuiltModel:
         """The base quantized while loading, prepared for k-bit training, adapters on top."""
-        from peft import prepare_model_for_kbit_training
-
         from dtrain.strategies import peft_adapters
         from dtrain.strategies.loading import load_pretrained
 
@@ -60,13 +58,7 @@ class QLora:
         if env.device.type == "cuda" and ds_config["zero_optimization"]["stage"] < 3:
             kwargs["device_map"] = {"": env.device.index}  # bnb quantizes on the GPU; ZeRO-3 refuses device_map
         model, keepalive = load_pretrained(cfg, ds_config, **kwargs)
-        disable_cpu_weight_repacking(model, env.device)
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-        model = peft_adapters.add_adapters(model, cfg)
+        model = peft_adapters.add_adapters(prepared_base(model, cfg, env.device), cfg)
         keep_only_tensors_in_state_dict(model)
         peft_adapters.report_trainable(model, cfg, env)
         return BuiltModel(model, keepalive)
@@ -79,6 +71,15 @@ class QLora:
             return peft_adapters.export_adapter(checkpoint, cfg, out)
         nf4 = nf4_settings(cfg.quantization.quant_type, cfg.quantization.double_quant)
         return peft_adapters.export_merged(checkpoint, cfg, out, options, nf4=nf4)
+
+    def eval_model(self, cfg: Config, checkpoint: Path | None, device: torch.device) -> torch.nn.Module:
+        from dtrain.strategies.loading import load_for_eval
+
+        kwargs: dict[str, Any] = {"quantization_config": bnb_config(cfg)}
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index or 0}  # bitsandbytes quantizes on the GPU
+        base = prepared_base(load_for_eval(cfg, device, **kwargs), cfg, device)
+        return lora.with_trained_adapter(base.eval(), cfg, checkpoint)
 
     def plan_terms(self, shape: ModelShape, cfg: Config) -> PlanTerms:
         dims = shape.linear_dims()
@@ -98,6 +99,19 @@ class QLora:
             lora_targets(shape, cfg.lora.target_modules),
             dequantized_elements=max(math.prod(dims[n]) for n in DECODER_LINEARS),
         )
+
+
+def prepared_base(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The freshly quantized base as the adapters train on it: repacking off, prepared for k-bit training (its
+    non-quantized weights in fp32)."""
+    from peft import prepare_model_for_kbit_training
+
+    disable_cpu_weight_repacking(model, device)
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
 
 
 def bnb_config(cfg: Config) -> Any:
