@@ -1,12 +1,14 @@
 """Checkpoint save bandwidth against a raw write of the same bytes to the same file system.
 
-    python bench/save_bandwidth.py [--hidden 1024 --layers 9 --nproc 2 --saves 3 --dir /path/on/the/fs]
+    python bench/save_bandwidth.py [--hidden 1024 --layers 9 --nproc 2 --saves 3 --repeats 3 --dir /path/on/the/fs]
 
 A ~100M-parameter tiny Llama is trained by `dtrain train` (ZeRO-3 + CPU offload, the shipped tiny config) for
 --saves steps with a checkpoint after every one; each save's seconds and bytes come from metrics.jsonl (the whole
-save: every rank's shards and RNG state synced to disk, metadata, folder syncs, the atomic rename). Then the same
-files, byte for byte in size, are written raw by --nproc processes at once (files dealt round-robin), once with an
-fsync per file (what a durable save must do at least) and once without. Printed: medians with min-max.
+save: every rank's shards and RNG state synced to disk, metadata, folder syncs, the atomic rename). Next to it the
+same files, byte for byte in size, are written raw --saves times by --nproc processes at once (files dealt
+round-robin), with an fsync per file (what a durable save must do at least) and without. Each repeat runs both, in
+an order that flips every repeat; the save / raw ratio is taken within a repeat (medians of its saves and writes),
+then printed as the median over repeats with min-max.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=9)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--saves", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     args = parser.parse_args()
     from dtrain.tiny import make_tiny_model
@@ -96,29 +100,52 @@ def main() -> None:
         config.write_text(yaml.safe_dump(raw))
         env = os.environ | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "dtrain_launch.cli", "train", str(config), "--nproc", str(args.nproc)]
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-5000:])
-        records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
-        saves = [r for r in records if "checkpoint/save_seconds" in r]
-        checkpoint = root / "run" / "checkpoints" / "step-00000001"
-        sizes = [f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()]
-        total = sum(sizes)
         params = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 4
+        saves, raw_rates, ratios = [], {"synced": [], "unsynced": []}, {"synced": [], "unsynced": []}
+        for repeat in range(args.repeats):
+            run = root / "run"
+            order = ["dtrain", "raw"] if repeat % 2 == 0 else ["raw", "dtrain"]
+            for what in order:
+                if what == "dtrain":
+                    shutil.rmtree(run, ignore_errors=True)
+                    repeat_saves = train_and_save(cmd, env, run)
+                    checkpoint = run / "checkpoints" / "step-00000001"
+                    sizes = [f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()]
+                else:
+                    repeat_raw = {kind: [] for kind in raw_rates}
+                    for i in range(args.saves):
+                        for kind in repeat_raw:
+                            folder = root / f"raw-{kind}-{repeat}-{i}"
+                            seconds = raw_write_seconds(sizes, folder, args.nproc, sync=kind == "synced")
+                            repeat_raw[kind].append(sum(sizes) / seconds / 1e6)
+                            shutil.rmtree(folder)
+            saves += repeat_saves
+            save_rate = statistics.median(
+                r["checkpoint/bytes"] / r["checkpoint/save_seconds"] / 1e6 for r in repeat_saves
+            )
+            for kind, values in repeat_raw.items():
+                raw_rates[kind] += values
+                ratios[kind].append(save_rate / statistics.median(values))
+        total = sum(sizes)
         print(f"model {params / 1e6:.0f}M parameters (fp32), {args.nproc} ranks; checkpoint {len(sizes)} files, "
-              f"{total / 1e9:.2f} GB; file system of {root}")  # fmt: skip
+              f"{total / 1e9:.2f} GB; file system of {root}; {args.repeats} repeats x {args.saves} saves")  # fmt: skip
         save_rates = [r["checkpoint/bytes"] / r["checkpoint/save_seconds"] / 1e6 for r in saves]
-        rates = {"synced": [], "unsynced": []}
-        for i in range(args.saves):
-            for kind in rates:
-                seconds = raw_write_seconds(sizes, root / f"raw-{kind}-{i}", args.nproc, sync=kind == "synced")
-                rates[kind].append(total / seconds / 1e6)
         print(f"dtrain save          {median_range(save_rates)} MB/s  "
               f"({median_range([r['checkpoint/save_seconds'] for r in saves], '{:.2f}')} s)")  # fmt: skip
-        for kind, values in rates.items():
-            share = statistics.median(save_rates) / statistics.median(values)
-            print(f"raw write, {kind:8s}  {median_range(values)} MB/s;  save / raw (medians) {share:.2f}")
+        for kind, values in raw_rates.items():
+            print(
+                f"raw write, {kind:8s}  {median_range(values)} MB/s;  save / raw {median_range(ratios[kind], '{:.2f}')}"
+            )
         print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+
+
+def train_and_save(cmd: list[str], env: dict[str, str], run: Path) -> list[dict]:
+    """One `dtrain train` with a save after every step: the metrics records of its saves."""
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-5000:])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "checkpoint/save_seconds" in r]
 
 
 if __name__ == "__main__":
