@@ -1,6 +1,6 @@
 """Chat tokenization throughput: dtrain with 1 and N processes vs `datasets.map(num_proc=N)`.
 
-    python bench/tokenize_chat.py [--rows 20000 --procs 2 --repeats 3]
+    python bench/tokenize_chat.py [--rows 20000 --procs 2 --repeats 4]
 
 20,000 chat rows (the bundled sample conversations, each made unique by its row number so the tokenizer's word
 cache does not flatter repeats) are written to a .jsonl file, then read and tokenized four ways with the same row
@@ -60,7 +60,8 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def dtrain_run(path: Path, tokenizer, procs: int) -> Clock:
+def dtrain_run(path: Path, model: Path, procs: int) -> Clock:
+    tokenizer = fresh_tokenizer(model)
     ds = DatasetConfig(path=str(path), format="chat")
     data = DataConfig(datasets=[ds], seq_len=2048, num_proc=procs)
     with Clock() as clock:
@@ -69,9 +70,10 @@ def dtrain_run(path: Path, tokenizer, procs: int) -> Clock:
     return clock
 
 
-def datasets_run(path: Path, tokenizer, procs: int, cache: Path) -> Clock:
+def datasets_run(path: Path, model: Path, procs: int, cache: Path) -> Clock:
     import datasets
 
+    tokenizer = fresh_tokenizer(model)
     ds = DatasetConfig(format="chat")
 
     def tokenize(row):
@@ -82,6 +84,14 @@ def datasets_run(path: Path, tokenizer, procs: int, cache: Path) -> Clock:
         table = datasets.Dataset.from_json(str(path), cache_dir=str(cache))
         table.map(tokenize, num_proc=procs, remove_columns=table.column_names, load_from_cache_file=False)
     return clock
+
+
+def fresh_tokenizer(model: Path):
+    """A newly loaded tokenizer for every run: the tokenizers library caches the words it has seen, so a tokenizer
+    that already went through the rows (and workers forked from its process) would be flattered."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
 
 
 def in_process_group(run):
@@ -107,22 +117,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
     n = args.procs
     one, reference = "dtrain, 1 process", f"datasets.map(num_proc={n})"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        tokenizer = AutoTokenizer.from_pretrained(make_tiny_model(root / "tiny"))
+        model = make_tiny_model(root / "tiny")
         path = root / "chats.jsonl"
         write_rows(path, args.rows)
         variants = {
-            one: lambda: dtrain_run(path, tokenizer, 1),
-            f"dtrain, {n} processes (fork)": lambda: dtrain_run(path, tokenizer, n),
-            f"dtrain, {n} in a rank (forkserver)": lambda: in_process_group(dtrain_run)(path, tokenizer, n),
-            reference: lambda: datasets_run(path, tokenizer, n, root / "cache"),
+            one: lambda: dtrain_run(path, model, 1),
+            f"dtrain, {n} processes (fork)": lambda: dtrain_run(path, model, n),
+            f"dtrain, {n} in a rank (forkserver)": lambda: in_process_group(dtrain_run)(path, model, n),
+            reference: lambda: datasets_run(path, model, n, root / "cache"),
         }
         names = list(variants)
         clocks: dict[str, list[Clock]] = {name: [] for name in names}

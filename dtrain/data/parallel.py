@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 CHUNK_ROWS = 256  # large enough that pickling overhead stays small, small enough to keep both workers busy
-# Tokenized in the calling process before any worker starts: starting them costs ~2 s from a forkserver (each worker
-# imports transformers to unpickle the tokenizer), which pays off only beyond about this many rows (~1 ms each).
+# Tokenized in the calling process before workers start from a forkserver: that costs ~2 s (each worker imports
+# transformers to unpickle the tokenizer), which pays off only beyond about this many rows (~1 ms each). Forked
+# workers start in milliseconds and take every row.
 SERIAL_ROWS = 2000
 
 _row_fn: Callable[[Any], Any] | None = None  # each worker's, set by _start_worker
@@ -36,9 +37,10 @@ def default_num_proc() -> int:
 
 def ordered_map(fn: Callable[[Any], Any], rows: Iterable[tuple[str, Any]], num_proc: int) -> Iterator[tuple[str, Any]]:
     """(where, fn(row)) for each (where, row), in input order, computed by `num_proc` processes."""
-    parallel = num_proc > 1 and "forkserver" in multiprocessing.get_all_start_methods()
+    context = _context() if num_proc > 1 else None
     iterator = iter(rows)
-    for where, row in itertools.islice(iterator, SERIAL_ROWS if parallel else None):
+    serial = None if context is None else SERIAL_ROWS if context.get_start_method() == "forkserver" else 0
+    for where, row in itertools.islice(iterator, serial):
         yield where, fn(row)
     first = next(iterator, None)
     if first is None:
@@ -55,16 +57,19 @@ def ordered_map(fn: Callable[[Any], Any], rows: Iterable[tuple[str, Any]], num_p
     # otherwise write to every inherited object and copy the whole parent heap, page by page (copy-on-write).
     gc.freeze()
     try:
-        with _context().Pool(num_proc, initializer=_start_worker, initargs=(fn,)) as pool:
+        with context.Pool(num_proc, initializer=_start_worker, initargs=(fn,)) as pool:
             for results in pool.imap(_apply_chunk, row_chunks()):
                 yield from zip(wheres.popleft(), results, strict=True)
     finally:
         gc.unfreeze()
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> multiprocessing.context.BaseContext | None:
+    """fork where this process has one thread, a forkserver in a rank; None where neither exists (one process)."""
     import torch.distributed as dist
 
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
     if not (dist.is_available() and dist.is_initialized()):
         return multiprocessing.get_context("fork")
     context = multiprocessing.get_context("forkserver")
