@@ -95,7 +95,7 @@ def main() -> None:
         }
         raw["checkpoint"] |= {"every_steps": 1, "keep_last": 0}
         raw["eval"] |= {"every_steps": 0, "max_batches": 1}
-        raw["logging"] |= {"progress_bar": False, "tensorboard": False}
+        raw["logging"] |= {"progress_bar": False, "report_to": []}
         config = root / "config.yaml"
         config.write_text(yaml.safe_dump(raw))
         env = os.environ | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
