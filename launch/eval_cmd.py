@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dtrain_launch.export_cmd import CHECKPOINT_HELP
+
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -25,9 +27,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument(
         "run", help="a run's output_dir, checkpoints folder, config YAML or checkpoint; or an exported folder"
     )
-    parser.add_argument(
-        "--checkpoint", default=None, help="step-XXXXXXXX, a step number, or a path (default: the newest complete one)"
-    )
+    parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     parser.add_argument(
         "--data", required=True, help="a run config YAML (its eval split and eval.retention sets), or a dataset"
     )

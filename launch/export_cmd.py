@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+# dtrain.export.find_checkpoint reads it, for export and eval alike
+CHECKPOINT_HELP = "step-XXXXXXXX, a step number, or a path (default: the newest complete one)"
 KINDS = {
     "adapter": "lora/qlora: adapter in PEFT format",
     "merged": "lora/qlora: base + adapter merged (HF format)",
@@ -29,9 +31,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run", help="the run's output_dir, its checkpoints folder, its config YAML, or a checkpoint")
-    parser.add_argument(
-        "--checkpoint", default=None, help="step-XXXXXXXX, a step number, or a path (default: the newest complete one)"
-    )
+    parser.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     for kind, help_text in KINDS.items():
         parser.add_argument(f"--{kind}", type=Path, metavar="OUT", help=help_text)
     parser.add_argument(

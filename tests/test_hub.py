@@ -17,6 +17,19 @@ def offline_cache(tmp_path, monkeypatch):
     return tmp_path / "hub"
 
 
+def hub_model_cfg(tmp_path, repo_id: str, **model):
+    """A run config whose model.path is `repo_id` (paths unchecked: the model is in the test's hub cache)."""
+    from dtrain.config import config_from_dict
+
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": repo_id, **model},
+        "data": {"datasets": [{"path": "data/sample/text.jsonl"}]},
+        "train": {"max_steps": 1, "gradient_accumulation_steps": 1},
+    }
+    return config_from_dict(raw, check_paths=False)
+
+
 def test_repo_id_resolves_to_its_snapshot_and_commit(tmp_path, offline_cache):
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "config.json").write_text("{}")
@@ -36,19 +49,12 @@ def test_missing_repo_is_one_line_saying_how_to_download(offline_cache):
 
 
 def test_the_resolved_commit_is_the_models_fingerprint(tmp_path, offline_cache):
-    from dtrain.config import config_from_dict
     from dtrain.fingerprint import run_fingerprints
 
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "config.json").write_text("{}")
     first = add_to_hub_cache(offline_cache, "acme/fp", tmp_path / "repo")
-    raw = {
-        "output_dir": str(tmp_path / "run"),
-        "model": {"path": "acme/fp"},
-        "data": {"datasets": [{"path": "data/sample/text.jsonl"}]},
-        "train": {"max_steps": 1, "gradient_accumulation_steps": 1},
-    }
-    cfg = config_from_dict(raw, check_paths=False)
+    cfg = hub_model_cfg(tmp_path, "acme/fp")
     assert run_fingerprints(cfg)["model"] == f"hub commit {first}"
     (tmp_path / "repo" / "config.json").write_text('{"moved": true}')  # main moves: resume sees another model
     moved = add_to_hub_cache(offline_cache, "acme/fp", tmp_path / "repo")
@@ -59,16 +65,8 @@ def test_the_resolved_commit_is_the_models_fingerprint(tmp_path, offline_cache):
 def test_check_names_the_commit_and_trust_remote_code(tmp_path, offline_cache):
     from dtrain_launch.cli import model_line
 
-    from dtrain.config import config_from_dict
-
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "config.json").write_text("{}")
     commit = add_to_hub_cache(offline_cache, "acme/custom", tmp_path / "repo")
-    raw = {
-        "output_dir": str(tmp_path / "run"),
-        "model": {"path": "acme/custom", "trust_remote_code": True},
-        "data": {"datasets": [{"path": "data/sample/text.jsonl"}]},
-        "train": {"max_steps": 1, "gradient_accumulation_steps": 1},
-    }
-    line = model_line(config_from_dict(raw, check_paths=False))
+    line = model_line(hub_model_cfg(tmp_path, "acme/custom", trust_remote_code=True))
     assert line == f"acme/custom (Hub commit {commit}); trust_remote_code ON: runs the model repo's own Python code"

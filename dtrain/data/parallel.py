@@ -38,8 +38,11 @@ def default_num_proc() -> int:
 def ordered_map(fn: Callable[[Any], Any], rows: Iterable[tuple[str, Any]], num_proc: int) -> Iterator[tuple[str, Any]]:
     """(where, fn(row)) for each (where, row), in input order, computed by `num_proc` processes."""
     context = _context() if num_proc > 1 else None
+    if context is None:
+        serial = None  # every row here
+    else:
+        serial = SERIAL_ROWS if context.get_start_method() == "forkserver" else 0
     iterator = iter(rows)
-    serial = None if context is None else SERIAL_ROWS if context.get_start_method() == "forkserver" else 0
     for where, row in itertools.islice(iterator, serial):
         yield where, fn(row)
     first = next(iterator, None)
