@@ -152,16 +152,16 @@ def evaluate_subject(
 
 
 def _losses(model: torch.nn.Module, cfg: Config, sets: dict[str, Any], tokenizer: Any, device: torch.device):
-    from dtrain.data import collate
+    from dtrain.attention import VARLEN_KERNELS
+    from dtrain.data import Batcher
     from dtrain.evaluation import eval_batches, token_mean_loss
     from dtrain.loss import install_chunked_loss
 
     micro, data = cfg.train.micro_batch_size, cfg.data
     install_chunked_loss(model, micro * data.seq_len)  # the forward the trainer evaluates with
 
-    def to_batch(rows: list[dict[str, list[int]]]) -> dict[str, Any]:
-        batch = collate(rows, tokenizer.pad_token_id, data.seq_len, data.packing)
-        return {**{k: v.to(device) for k, v in batch.items()}, "use_cache": False}
+    varlen = model.config._attn_implementation in VARLEN_KERNELS  # the kernel the model was loaded with
+    to_batch = Batcher(tokenizer.pad_token_id, data.seq_len, data.packing, varlen, device)
 
     losses = {}
     for name, samples in sets.items():

@@ -150,7 +150,7 @@ def _tokenizer_template(cfg: Config) -> str | None:
 
 
 def attention_problems(cfg: Config, launch: Launch) -> list[str]:
-    """flash_attention_2 needs the flash-attn package (and, where the run starts here, a CUDA GPU): without them
+    """flash_attention_2 needs a flash-attn that imports (and, where the run starts here, a CUDA GPU): without them
     transformers fails inside every rank, after the job has started."""
     if cfg.model.attn_implementation != "flash_attention_2":
         return []
@@ -161,4 +161,9 @@ def attention_problems(cfg: Config, launch: Launch) -> list[str]:
 
         if not torch.cuda.is_available():
             return ["model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa on this machine"]
+        from dtrain.attention import flash_attn_problem
+
+        problem = flash_attn_problem()
+        if problem is not None:
+            return [f"model.attn_implementation: flash_attention_2 cannot run here: {problem}"]
     return []

@@ -17,7 +17,7 @@ from dtrain.attention import attention_for
 from dtrain.checkpoint import Checkpointer, tree_bytes
 from dtrain.checkpoint_layout import ENGINE_TAG, UNIVERSAL_TAG, Progress
 from dtrain.config import Config
-from dtrain.data import PreparedData, collate, prefetched, prepare_data
+from dtrain.data import Batcher, PreparedData, prefetched, prepare_data
 from dtrain.dist import DistEnv, decided_by_main
 from dtrain.ds_config import build_deepspeed_config
 from dtrain.evaluation import eval_batches, token_mean_loss
@@ -87,6 +87,10 @@ class Trainer:
         )
         self.startup.mark("deepspeed.initialize")
         self.loss_chunks = install_chunked_loss(self.engine.module, self.layout.micro_batch_size * cfg.data.seq_len)
+        self.attention = attention_for(cfg)
+        self.batcher = Batcher(
+            self.tokenizer.pad_token_id, cfg.data.seq_len, cfg.data.packing, self.attention.varlen, env.device
+        )
         self.collator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
         self.checkpointer = Checkpointer(cfg, env.rank, env.device, strategy.checkpoint)
         self.stop_flag = StopFlag(env.device)
@@ -141,7 +145,7 @@ class Trainer:
         )
         collate_train = functools.partial(self._host_batch, self.data.train)
         for host_batch in prefetched(collate_train, micro_batches, self.collator):
-            loss = self.engine(**self._to_device(host_batch), num_items_in_batch=num_items).loss
+            loss = self.engine(**self.batcher.to_device(host_batch), num_items_in_batch=num_items).loss
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach().float() * scale
@@ -159,7 +163,7 @@ class Trainer:
         self.engine.eval()
         world, micro = self.layout.world_size, self.layout.micro_batch_size
         batches = eval_batches(len(samples), self.env.rank, world, micro, self.cfg.eval.max_batches)
-        loss = token_mean_loss(self.engine, samples, batches, self._model_batch, self.env.device)
+        loss = token_mean_loss(self.engine, samples, batches, self.batcher, self.env.device)
         self.engine.train()
         return loss
 
@@ -209,24 +213,8 @@ class Trainer:
         progress.world_size = self.env.world_size
         return progress
 
-    def _host_batch(self, samples: Any, indices: list[int]) -> dict[str, torch.Tensor]:
-        return self._collate([samples[i] for i in indices])
-
-    def _model_batch(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
-        return self._to_device(self._collate(rows))
-
-    def _collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Collated on the host; in pinned memory when it goes to a GPU, so the copy can run asynchronously."""
-        batch = collate(rows, self.tokenizer.pad_token_id, self.cfg.data.seq_len, self.cfg.data.packing)
-        if self.env.device.type == "cuda":
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        return batch
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        non_blocking = self.env.device.type == "cuda"
-        # No KV cache in training: with one, transformers ignores packed position_ids and documents attend to
-        # each other.
-        return {**{k: v.to(self.env.device, non_blocking=non_blocking) for k, v in batch.items()}, "use_cache": False}
+    def _host_batch(self, samples: Any, indices: list[int]) -> dict[str, Any]:
+        return self.batcher.host([samples[i] for i in indices])
 
     def _scalars(self, result: StepResult, elapsed: float) -> dict[str, float]:
         return {
@@ -240,7 +228,7 @@ class Trainer:
     def _log_startup(self, step: int, log: MetricsLogger) -> None:
         self.startup.mark("first step")
         log.message(self.startup.line())
-        log.message(attention_for(self.cfg).line())
+        log.message(self.attention.line())
         log.log(step, self.startup.phases, prefix="startup", force=True)
 
     def _save(self, progress: Progress, log: MetricsLogger) -> None:

@@ -18,7 +18,7 @@ Call the model with use_cache=False: with a KV cache transformers skips the pack
 documents attend to each other.
 """
 
-from dtrain.data.collate import collate, prefetched
+from dtrain.data.collate import Batcher, collate, prefetched, varlen_kwargs
 from dtrain.data.errors import DataError, RowError
 from dtrain.data.formats import IGNORE
 from dtrain.data.grouping import group_by_length
@@ -28,6 +28,7 @@ from dtrain.data.samples import Samples
 
 __all__ = [
     "IGNORE",
+    "Batcher",
     "DataError",
     "DatasetReport",
     "PrepareReport",
@@ -40,4 +41,5 @@ __all__ = [
     "prepare_command",
     "prefetched",
     "prepare_data",
+    "varlen_kwargs",
 ]

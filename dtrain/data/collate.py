@@ -2,8 +2,11 @@
 
 With packing, every row is padded to seq_len and NO attention_mask is returned: transformers (5.x,
 `masking_utils.find_packed_sequence_indices`) then derives a block-diagonal causal mask from position_ids that
-restart at 0, for eager and sdpa, and flash_attention_2 takes its varlen path from the same position_ids. The
-padding tail gets its own positions 0, 1, ... so it forms a separate "document" that no real token attends to.
+restart at 0, for eager and sdpa. flash_attention_2 reads position ids only for a batch of ONE row
+(`_is_packed_sequence` in modeling_flash_attention_utils): with more rows it would run each as one causal sequence,
+across its documents. So for flash kernels the batch also carries the document boundaries over the flattened batch
+(`varlen_kwargs`), which transformers hands to the varlen kernel as they are, for any batch size. The padding tail
+gets its own positions 0, 1, ... so it forms a separate "document" that no real token attends to.
 The model must be called with `use_cache=False`: with a KV cache present transformers skips the packed-sequence
 detection and documents silently attend to each other (the default config has use_cache=True).
 
@@ -14,7 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -48,6 +52,48 @@ def collate(
     if not packing:
         batch["attention_mask"] = attention_mask
     return batch
+
+
+def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
+    """The flash-attn varlen arguments of a packed batch: every document's start (position id 0) over the batch
+    flattened to one sequence, as cumulative int32 offsets, and the longest document as a Python int (a tensor
+    would make every attention layer read it back to the host). Computed on the host, once per micro batch."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1)
+    offsets = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    longest = int(offsets.diff().max())
+    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
+
+
+@dataclass(frozen=True)
+class Batcher:
+    """Rows -> the model's keyword arguments: the one way training, eval and bench/gpu_check.py build them."""
+
+    pad_token_id: int | None
+    seq_len: int
+    packing: bool
+    varlen: bool
+    """The attention kernel takes packed documents as varlen offsets (flash); see dtrain.attention."""
+    device: torch.device
+
+    def host(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        """Collated on the host; in pinned memory when it goes to a GPU, so the copy can run asynchronously."""
+        batch: dict[str, Any] = collate(rows, self.pad_token_id, self.seq_len, self.packing)
+        if self.packing and self.varlen:
+            batch.update(varlen_kwargs(batch["position_ids"]))
+        if self.device.type == "cuda":
+            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        non_blocking = self.device.type == "cuda"
+        moved = {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+        # No KV cache in training: with one, transformers ignores packed position_ids and documents attend to
+        # each other.
+        return {**moved, "use_cache": False}
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        return self.to_device(self.host(rows))
 
 
 Item, Made = TypeVar("Item"), TypeVar("Made")
