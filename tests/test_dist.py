@@ -90,3 +90,32 @@ def test_every_rank_takes_rank_0_s_decision_or_its_error(tmp_path):
     mp.spawn(_decide_on_two_ranks, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert results == [{"picked": "step-00000008", "raised": "division by zero"}] * 2
+
+
+_DP_GROUP_TIMEOUT = """
+import torch
+from dtrain import dist
+
+env = dist.compute_init(timeout_minutes=7)
+import deepspeed
+
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+group = engine.optimizer.dp_process_group
+print("dp group timeout", group._get_backend(env.device).options._timeout)
+"""
+
+
+def test_zero_data_parallel_group_gets_the_configured_timeout(tmp_path):
+    """deepspeed.timeout_minutes reaches the group that carries ZeRO's reduce-scatter, not only the world group
+    (torch's default for a new group is 10 min with NCCL, 30 min with gloo)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    proc = subprocess.run([sys.executable, "-c", _DP_GROUP_TIMEOUT], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dp group timeout 0:07:00" in proc.stdout, proc.stdout
