@@ -1,38 +1,46 @@
-"""The production path on one CUDA GPU, measured against `dtrain plan` (< 8 minutes on an H100-class GPU).
+"""The production path on one CUDA GPU, measured against `dtrain plan`: the one script a lent GPU runs (< 6 min).
 
-    python bench/gpu_check.py [--steps 20] [--tolerance 0.15] [--skip-tests] [--peak-tflops N]
+    python bench/gpu_check.py [--steps 10] [--tolerance 0.15] [--only NAME] [--skip-tests]
 
-Prints one table and exits non-zero if any measured peak GPU memory is off from the plan's prediction by more than
---tolerance (either way: an over-prediction wastes GPUs as surely as an under-prediction crashes a job):
-  (a) Llama-3-8B-shaped QLoRA (configs/llama3-8b-qlora.yaml, the shape of configs/models/llama-3-8b/config.json with
-      random weights — nothing is downloaded), seq 2048, the configured micro batch, --steps steps;
-  (b) a ~1.2B Llama (Llama-3.2-1B's shape), full fine-tune, bf16 ZeRO-3, without and with CPU offload of the
-      optimizer and parameters;
-  (c) the CUDA tests (pytest -m cuda).
-Each case: peak GPU memory (allocator peak + the CUDA context, as the plan counts it) vs the plan, tokens/s and MFU
-(6 x parameters x tokens + attention FLOPs, over the GPU's dense bf16 peak). The model is built on the meta device
-and materialized one module at a time on the GPU; the step is DeepSpeed's engine with dtrain's generated config
-and optimizer, on random token batches (the data pipeline is not what is measured).
+Every training case is a real `dtrain train` (torchrun, NCCL, the trainer's own model loading, chunked loss,
+packed batches from the bundled data, DeepSpeed engine and optimizer) on a random-init model of a production shape
+written to disk first, so nothing is downloaded and nothing is built differently from a user's run:
+  packed attention   one packed micro batch of 2 rows, 5 documents: loss under flash_attention_2 (varlen, as the
+                     trainer's Batcher hands it over), under sdpa, and the documents' losses one at a time;
+  1.2B full ZeRO-3   Llama-3.2-1B's shape, bf16, ZeRO-3, no offload, then with CPU offload of optimizer and params;
+  3B QLoRA           Llama-3.2-3B's shape, NF4 base, the shipped QLoRA config's adapters and optimizer;
+  2 ranks NCCL       the tiny model on 2 ranks (ZeRO-3): on one GPU, NCCL's answer to two ranks sharing it;
+  CUDA tests         pytest -m cuda.
+Each training row: peak GPU memory of the run's processes (nvidia-smi, sampled every 0.2 s: the CUDA context and
+the allocator's reserve, what `dtrain plan` predicts) against the plan, steady tokens/s (median of the steps after
+the first 2) and MFU (2 x parameters forward, 2 x backward through activations, 2 x trained parameters for weight
+gradients, + causal attention, over the GPU's dense bf16 peak). Each case has a time budget, printed beside its
+seconds; the exit code is non-zero if a memory row is off by more than --tolerance (either way) or a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import os
+import shutil
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-QLORA_CONFIG = REPO / "configs/llama3-8b-qlora.yaml"
-# Llama-3.2-1B: 16 layers, hidden 2048, tied embeddings, 1.24B parameters.
-ONE_B_SHAPE = {
-    "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192, "vocab_size": 128256,
-    "tie_word_embeddings": True, "max_position_embeddings": 8192, "rope_theta": 500000.0,
-}  # fmt: skip
+# Llama-3.2-1B and -3B: tied embeddings, 128256 vocabulary.
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_key_value_heads": 8, "head_dim": 128,
+         "vocab_size": 128256, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+         "rope_theta": 500000.0}  # fmt: skip
+ONE_B_SHAPE = {**LLAMA, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "head_dim": 64,
+               "intermediate_size": 8192}  # fmt: skip
+THREE_B_SHAPE = {**LLAMA, "hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24,
+                 "intermediate_size": 8192}  # fmt: skip
+PACKED_BUDGET_S, CUDA_TESTS_BUDGET_S = 60, 60
 # Dense bf16 peak, FLOP/s, by device-name fragment (vendor datasheets, without sparsity).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
              "4090": 165e12, "3090": 71e12}  # fmt: skip
@@ -44,172 +52,82 @@ class Case:
     config: str
     """Run config YAML (relative to the repository)."""
     overrides: tuple[str, ...]
-    shape: dict | None = None
-    """config.json of the model when it is not the config's model.path."""
+    shape: dict | None
+    """config.json of the random model written for the case; None: the tiny model."""
+    budget_s: int
+    nproc: int = 1
 
 
 def cases(seq_len: int, steps: int) -> list[Case]:
-    common = (f"train.max_steps={steps}", "train.warmup_steps=0", f"data.seq_len={seq_len}")
+    common = (f"train.max_steps={steps}", "train.warmup_steps=0", f"data.seq_len={seq_len}", "eval.every_steps=0",
+              "eval.max_batches=1", "checkpoint.every_steps=1000", "logging.progress_bar=false",
+              "train.gradient_accumulation_steps=1", "train.global_batch_size=null")  # fmt: skip
     full = (*common, "strategy=full", "train.precision=bf16", "model.gradient_checkpointing=true",
-            "train.optimizer=adamw_deepspeed", "deepspeed.stage=3", "train.micro_batch_size=1",
-            "train.gradient_accumulation_steps=1", "train.global_batch_size=null")  # fmt: skip
+            "train.optimizer=adamw_deepspeed", "deepspeed.stage=3", "train.micro_batch_size=1")  # fmt: skip
     offload = ("deepspeed.offload_optimizer.device=cpu", "deepspeed.offload_param.device=cpu")
     none = ("deepspeed.offload_optimizer.device=none", "deepspeed.offload_param.device=none")
+    big = "configs/llama3-70b-full-zero3-offload.yaml"
+    tiny = ("train.max_steps=6", "train.warmup_steps=0", "train.precision=bf16", "logging.progress_bar=false")
     return [
-        Case("8B QLoRA", str(QLORA_CONFIG.relative_to(REPO)), common),
-        Case("1.2B full ZeRO-3", "configs/llama3-70b-full-zero3-offload.yaml", (*full, *none), ONE_B_SHAPE),
-        Case(
-            "1.2B full ZeRO-3 + CPU offload",
-            "configs/llama3-70b-full-zero3-offload.yaml",
-            (*full, *offload),
-            ONE_B_SHAPE,
-        ),  # fmt: skip
+        Case("1.2B full ZeRO-3", big, (*full, *none), ONE_B_SHAPE, budget_s=60),
+        Case("1.2B full ZeRO-3 + CPU offload", big, (*full, *offload), ONE_B_SHAPE, budget_s=75),
+        Case("3B QLoRA", "configs/llama3-8b-qlora.yaml", common, THREE_B_SHAPE, budget_s=75),
+        Case("2 ranks NCCL (tiny)", "configs/tiny-full-zero3.yaml", tiny, None, budget_s=30, nproc=2),
     ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/gpu_check.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per case (the first 2 are warm-up)")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per case (the first 2 are warm-up)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--tolerance", type=float, default=0.15, help="largest relative gap to the plan")
     parser.add_argument("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak (default: by name)")
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
-    parser.add_argument("--skip-tests", action="store_true", help="do not run the CUDA tests (part c)")
+    parser.add_argument("--skip-tests", action="store_true", help="do not run the CUDA tests")
     args = parser.parse_args(argv)
     if args.steps < 3:
         parser.error("--steps: at least 3 (2 warm-up steps are not timed)")
     return args
 
 
-def load_case(case: Case, model_dir: Path):
-    """(validated config, ModelShape) with the case's model shape written to `model_dir`/config.json."""
+# -- configs and plan (CPU-checkable: tests/test_gpu_check.py) -------------------------------------------------
+
+
+def case_overrides(case: Case, model_dir: Path, run_dir: Path) -> list[str]:
+    return [*case.overrides, f"model.path={model_dir}", f"output_dir={run_dir}"]
+
+
+def load_case(case: Case, model_dir: Path, run_dir: Path):
+    """The case's validated config (its model folder must hold config.json) and its ModelShape."""
     from dtrain.config import load_config
-    from dtrain.plan.shape import ModelShape
+    from dtrain.plan.shape import load_model_shape
 
-    shape = case.shape or json.loads((REPO / load_config(REPO / case.config, check_paths=False).model.path /
-                                      "config.json").read_text())  # fmt: skip
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **shape}))
-    overrides = [*case.overrides, f"model.path={model_dir}", f"output_dir={model_dir.parent / 'run'}"]
-    cfg = load_config(REPO / case.config, overrides, check_paths=False)
-    return cfg, ModelShape.from_hf_config(shape)
+    cfg = load_config(REPO / case.config, case_overrides(case, model_dir, run_dir), check_paths=False)
+    return cfg, load_model_shape(model_dir)
 
 
-def planned_gpu_bytes(cfg, shape, gpu_mem_bytes: int, cpu_mem_bytes: int) -> float:
-    """`dtrain plan`'s per-GPU total for this config on one GPU."""
+def planned_gpu_bytes(cfg, shape, gpu_mem_bytes: int, cpu_mem_bytes: int, nproc: int = 1) -> float:
+    """`dtrain plan`'s per-GPU total for this config on one node of `nproc` GPUs."""
     from dtrain.plan.choices import Choice, estimate
     from dtrain.plan.hardware import Hardware
 
-    hw = Hardware(1, 1, gpu_mem_bytes, cpu_mem_bytes)
+    hw = Hardware(1, nproc, gpu_mem_bytes, cpu_mem_bytes)
     return estimate(shape, cfg, Choice.from_config(cfg), hw).memory.gpu.total
 
 
-def model_flops_per_token(shape, seq_len: int) -> float:
-    """6 x parameters (forward + backward) + causal attention's 6 x layers x seq x hidden (half of 12, causal)."""
-    return 6 * shape.total_params + 6 * shape.num_layers * seq_len * shape.num_heads * shape.head_dim
+def trained_params(cfg, model_dir: Path) -> int:
+    from dtrain.plan.meta import meta_counts
+
+    return meta_counts(cfg)[1] if cfg.strategy != "full" else 0
 
 
-def materialize(model, cfg, device):
-    """Random weights, one module at a time on the GPU; qlora's decoder linears become NF4 `Linear4bit`."""
-    import torch
-
-    def fill(module):
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.device.type != "meta":  # quantized already
-                continue
-            data = torch.empty(param.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
-            setattr(module, name, torch.nn.Parameter(data, requires_grad=param.requires_grad))
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf.device.type == "meta":
-                module._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
-
-    if cfg.strategy == "qlora":
-        _quantize_linears(model, cfg, device)
-    for module in model.modules():
-        fill(module)
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(model.config).to(device)  # inv_freq from the config, not zeros
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    return model
-
-
-def _quantize_linears(model, cfg, device):
-    import bitsandbytes as bnb
-    import torch
-
-    from dtrain.plan.shape import DECODER_LINEARS
-
-    q = cfg.quantization
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, linear in list(parent.named_children()):
-                if name not in DECODER_LINEARS:
-                    continue
-                weight = torch.empty(linear.weight.shape, dtype=torch.bfloat16, device=device).normal_(0, 0.02)
-                new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
-                                        compute_dtype=torch.bfloat16, quant_type=q.quant_type,
-                                        compress_statistics=q.double_quant, device="meta")  # fmt: skip
-                new.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type=q.quant_type,
-                                               compress_statistics=q.double_quant).to(device)  # fmt: skip
-                setattr(parent, name, new)
-
-
-def run_case(case: Case, work: Path, args) -> dict:
-    import deepspeed
-    import torch
-
-    from dtrain.ds_config import build_deepspeed_config
-    from dtrain.layout import BatchLayout
-    from dtrain.optim import build_optimizer
-    from dtrain.strategies.loading import meta_model
-
-    cfg, shape = load_case(case, work / case.name.replace(" ", "_"))
-    device = torch.device("cuda", 0)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    context = torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0] - torch.cuda.memory_reserved()
-    model = materialize(meta_model(Path(cfg.model.path)), cfg, device)  # dtrain.strategies.loading
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    if cfg.strategy != "full":
-        from peft import get_peft_model, prepare_model_for_kbit_training
-
-        from dtrain.strategies.peft_adapters import peft_config
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
-        model = get_peft_model(model, peft_config(cfg.lora))
-    model.train()
-    layout = BatchLayout.from_config(cfg.train, 1)
-    ds_config = build_deepspeed_config(cfg, layout, accelerator="cuda")
-    optimizer = build_optimizer(cfg.train, model)
-    params = None if optimizer else [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params, config=ds_config)
-    tokens_per_step = layout.global_batch_size * cfg.data.seq_len
-    times = []
-    for step in range(args.steps):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(layout.gradient_accumulation_steps):
-            ids = torch.randint(0, shape.vocab_size, (layout.micro_batch_size, cfg.data.seq_len), device=device)
-            engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
-            engine.step()
-        torch.cuda.synchronize()
-        if step >= 2:
-            times.append(time.perf_counter() - started)
-    measured = torch.cuda.max_memory_reserved() + context
-    gpu_total = torch.cuda.get_device_properties(0).total_memory
-    import psutil
-
-    planned = planned_gpu_bytes(cfg, shape, gpu_total, psutil.virtual_memory().total)
-    tokens_per_s = tokens_per_step / (sum(times) / len(times))
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(torch.cuda.get_device_name(0))
-    mfu = tokens_per_s * model_flops_per_token(shape, cfg.data.seq_len) / peak if peak else float("nan")
-    engine.destroy()
-    del engine, model, optimizer
-    torch.cuda.empty_cache()
-    return {"case": case.name, "measured": measured, "planned": planned, "tokens_per_s": tokens_per_s, "mfu": mfu}
+def model_flops_per_token(shape, seq_len: int, trained: int | None = None) -> float:
+    """Forward 2N, backward 2N through the activations plus 2 x the trained parameters for their gradients (all N
+    for full fine-tuning: 6N; a frozen base with small adapters: ~4N), plus causal attention's 6 x layers x seq x
+    heads x head_dim (forward and backward, half of the square). Packed rows attend within documents, so the
+    attention term is an upper bound."""
+    trained = shape.total_params if trained is None else trained
+    return 4 * shape.total_params + 2 * trained + 6 * shape.num_layers * seq_len * shape.num_heads * shape.head_dim
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -217,57 +135,202 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def off_by(row: dict) -> float:
-    return abs(row["measured"] - row["planned"]) / row["planned"]
+    return abs(row["measured"] - row["planned"]) / row["planned"] if row.get("planned") else 0.0
 
 
 def render(rows: list[dict], tolerance: float) -> str:
     gib = 2**30
-    lines = [f"{'case':<34}{'peak GPU':>10}{'plan':>10}{'off':>7}{'tokens/s':>11}{'MFU':>7}  verdict"]
+    lines = [
+        f"{'case':<32}{'plan':>9}{'measured':>10}{'ratio':>7}{'tokens/s':>10}{'MFU':>7}{'s / budget':>12}  verdict"
+    ]
     for r in rows:
-        verdict = "ok" if off_by(r) <= tolerance else f"OFF BY > {tolerance:.0%}"
-        lines.append(
-            f"{r['case']:<34}{r['measured'] / gib:>8.1f}Gi{r['planned'] / gib:>8.1f}Gi{off_by(r):>7.0%}"
-            f"{r['tokens_per_s']:>11,.0f}{r['mfu']:>7.1%}  {verdict}"
-        )
+        if "planned" in r:
+            ratio = r["measured"] / r["planned"]
+            verdict = "ok" if off_by(r) <= tolerance else f"OFF BY > {tolerance:.0%}"
+            memory = f"{r['planned'] / gib:>7.1f}Gi{r['measured'] / gib:>8.1f}Gi{ratio:>7.2f}"
+        else:
+            memory, verdict = f"{'':>9}{'':>10}{'':>7}", r["verdict"]
+        speed = f"{r['tokens_per_s']:>10,.0f}{r['mfu']:>7.1%}" if "tokens_per_s" in r else f"{'':>17}"
+        lines.append(f"{r['case']:<32}{memory}{speed}{r['seconds']:>6.0f}/{r['budget_s']:<5}  {verdict}")
     return "\n".join(lines)
+
+
+# -- GPU side -------------------------------------------------------------------------------------------------
+
+
+def write_random_model(shape: dict, folder: Path, tokenizer_from: Path) -> None:
+    """A random-init bf16 model of `shape` saved as a Hugging Face folder, with the tiny model's tokenizer (its ids
+    are valid in any larger vocabulary)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**{k: v for k, v in shape.items() if k != "architectures"})
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache()
+    for item in tokenizer_from.iterdir():
+        if item.name.startswith("tokenizer") or item.name == "special_tokens_map.json":
+            shutil.copy(item, folder / item.name)
+
+
+class GpuMemoryPeak:
+    """Peak GPU memory of every process but this one (the run's ranks), from nvidia-smi every `period_s`."""
+
+    def __init__(self, period_s: float = 0.2):
+        self.peak, self._stop, self._period = 0, threading.Event(), period_s
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+        while not self._stop.is_set():
+            out = subprocess.run(query, capture_output=True, text=True).stdout
+            used = sum(int(mib) * 2**20 for pid, mib in (line.split(", ") for line in out.splitlines() if line)
+                       if int(pid) != os.getpid())  # fmt: skip
+            self.peak = max(self.peak, used)
+            time.sleep(self._period)
+
+
+def run_training(case: Case, work: Path, tiny: Path, args, gpu_total: int, cpu_total: int) -> dict:
+    import torch
+
+    model_dir, run_dir = work / case.name.split()[0] / "model", work / case.name.split()[0] / "run"
+    if case.shape is None:
+        model_dir = tiny
+    elif not (model_dir / "config.json").is_file():
+        write_random_model(case.shape, model_dir, tiny)
+    cfg, shape = load_case(case, model_dir, run_dir)
+    command = [sys.executable, "-m", "dtrain_launch.cli", "train", str(REPO / case.config),
+               *case_overrides(case, model_dir, run_dir), "--nproc", str(case.nproc)]  # fmt: skip
+    with GpuMemoryPeak() as memory:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=case.budget_s * 3)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
+        return {"case": case.name, "verdict": "FAILED: " + " | ".join(tail)[-600:]}
+    from dtrain.metrics import read_metrics
+
+    steps = {step: value for step, value in read_metrics(run_dir, "train/tokens_per_s").items() if step > 2}
+    tokens_per_s = statistics.median(steps.values())
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(torch.cuda.get_device_name(0))
+    flops = model_flops_per_token(shape, cfg.data.seq_len, trained_params(cfg, model_dir) or None)
+    row = {"case": case.name, "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak if peak else 0.0}
+    if case.nproc == 1:  # two ranks on one GPU share it: no per-GPU figure to hold against the plan
+        row.update(measured=memory.peak, planned=planned_gpu_bytes(cfg, shape, gpu_total, cpu_total))
+    else:
+        row["verdict"] = f"ok: {case.nproc} ranks trained {len(steps) + 2} steps"
+    return row
+
+
+def packed_attention_check(tiny: Path, work: Path) -> dict:
+    """Defect 1 of issue 19 on the GPU: a packed micro batch of 2 rows under flash_attention_2 (with the varlen
+    offsets dtrain's Batcher adds) and under sdpa gives the loss of its documents computed one by one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.attention import flash_attn_problem
+    from dtrain.data import Batcher
+
+    problem = flash_attn_problem()
+    if problem:
+        return {"case": "packed attention FA2 vs sdpa", "verdict": f"skipped: flash-attn {problem}"}
+    folder = work / "packed" / "model"
+    write_random_model({**LLAMA, "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+                        "head_dim": 64, "intermediate_size": 1536, "vocab_size": 512}, folder, tiny)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    lengths = [[300, 500, 224], [700, 324]]
+    documents = [[torch.randint(0, 512, (n,), generator=generator) for n in row] for row in lengths]
+    rows = []
+    for docs in documents:
+        ids = torch.cat(docs)
+        labels = torch.cat([torch.cat([torch.tensor([-100]), d[1:]]) for d in docs])  # each document's first: IGNORE
+        positions = torch.cat([torch.arange(len(d)) for d in docs])
+        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": positions.tolist()})
+    losses = {}
+    for implementation in ("flash_attention_2", "sdpa"):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation=implementation)
+        model.cuda().eval()
+        batcher = Batcher(0, 1024, True, implementation == "flash_attention_2", torch.device("cuda"))
+        with torch.no_grad():
+            losses[implementation] = _token_mean_loss(model, batcher(rows))
+            if implementation == "sdpa":
+                per_doc = [_summed_loss(model, d.cuda()) for row in documents for d in row]
+                tokens = sum(len(d) - 1 for row in documents for d in row)
+                losses["one by one"] = sum(per_doc) / tokens
+        del model
+        torch.cuda.empty_cache()
+    reference = losses["one by one"]
+    worst = max(abs(v - reference) / reference for v in losses.values())
+    verdict = "ok" if worst < 2e-2 else "FAILED: documents not kept apart"  # bf16 kernels: ~1e-3 apart
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    return {"case": "packed attention FA2 vs sdpa", "verdict": f"{verdict}: {shown} (worst {worst:.1e})"}
+
+
+def _token_mean_loss(model, batch) -> float:
+    import torch
+
+    labels = batch.pop("labels")
+    logits = model(**batch).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()).item()
+
+
+def _summed_loss(model, ids) -> float:
+    import torch
+
+    logits = model(input_ids=ids[None]).logits.float()[0]
+    return torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import os
     import tempfile
 
+    import psutil
     import torch
 
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU on this machine", file=sys.stderr)
         return 2
-    os.environ.update(DS_ACCELERATOR="cuda", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))  # fmt: skip
-    import deepspeed
+    gpu_total = torch.cuda.get_device_properties(0).total_memory
+    print(f"{torch.cuda.get_device_name(0)}, {gpu_total / 2**30:.0f} GiB, torch {torch.__version__}", flush=True)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from dtrain.tiny import make_tiny_model
 
-    deepspeed.init_distributed("nccl")
-    print(f"{torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB",
-          flush=True)  # fmt: skip
-    rows = []
-    with tempfile.TemporaryDirectory() as work:
-        for case in cases(args.seq_len, args.steps):
-            if args.only and args.only not in case.name:
+        work, started = Path(tmp), time.monotonic()
+        tiny = make_tiny_model(work / "tiny")
+        steps: list[tuple[str, int, object]] = [
+            ("packed attention FA2 vs sdpa", PACKED_BUDGET_S, packed_attention_check)
+        ]
+        steps += [(case.name, case.budget_s, case) for case in cases(args.seq_len, args.steps)]
+        for name, budget, what in steps:
+            if args.only and args.only not in name:
                 continue
-            rows.append(run_case(case, Path(work), args))
+            begun = time.monotonic()
+            if isinstance(what, Case):
+                row = run_training(what, work, tiny, args, gpu_total, psutil.virtual_memory().total)
+            else:
+                row = what(tiny, work)
+            rows.append({**row, "seconds": time.monotonic() - begun, "budget_s": budget})
             print(render(rows[-1:], args.tolerance).splitlines()[-1], flush=True)
-    print("\n" + render(rows, args.tolerance))
-    failed = [r["case"] for r in rows if off_by(r) > args.tolerance]
-    tests = 0
-    if not args.skip_tests:
-        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/"]
-        tests = subprocess.run(cmd, cwd=REPO).returncode
+        if not args.skip_tests and not args.only:
+            begun = time.monotonic()
+            code = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/"], cwd=REPO).returncode
+            rows.append({"case": "CUDA tests (pytest -m cuda)", "verdict": "ok" if code == 0 else f"FAILED ({code})",
+                         "seconds": time.monotonic() - begun, "budget_s": CUDA_TESTS_BUDGET_S})  # fmt: skip
+    print(f"\n{render(rows, args.tolerance)}\ntotal {time.monotonic() - started:.0f} s")
+    failed = [r["case"] for r in rows if off_by(r) > args.tolerance or r.get("verdict", "").startswith("FAILED")]
     if failed:
-        print(f"\nFAILED: peak GPU memory off the plan by more than {args.tolerance:.0%}: {', '.join(failed)}",
-              file=sys.stderr)  # fmt: skip
-    if tests:
-        print(f"\nFAILED: the CUDA tests (pytest exit {tests})", file=sys.stderr)
-    return 1 if failed or tests else 0
+        print(f"\nFAILED: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

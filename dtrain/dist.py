@@ -59,32 +59,12 @@ def compute_init(timeout_minutes: int = 30) -> DistEnv:
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`")
     import deepspeed
 
+    from dtrain import deepspeed_fixes
+
     timeout = timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-    deepspeed_groups_inherit_timeout(timeout)
+    deepspeed_fixes.apply(timeout)
     return DistEnv(rank, local_rank, world_size, device, backend)
-
-
-def deepspeed_groups_inherit_timeout(timeout: timedelta) -> None:
-    """Every process group DeepSpeed creates gets the run's collective timeout.
-
-    DeepSpeed 0.19 makes its groups through `TorchBackend.new_group(ranks)` (deepspeed/comm/torch.py), which calls
-    `torch.distributed.new_group(ranks)` without a timeout; torch then uses its default (10 min for NCCL), not the
-    world group's. One of them, the clone of the world group (utils/groups.py `_clone_world_group`), is ZeRO's
-    data-parallel group: the gradient reduce-scatter and grad-norm all-reduce of a step behind a slow rank 0 would
-    die at 10 min whatever deepspeed.timeout_minutes says. Skipped where DeepSpeed passes a timeout itself."""
-    import inspect
-
-    from deepspeed.comm import comm  # the module holding the backend object, not the package's copy of it
-
-    backend = comm.cdb
-    if "timeout" in inspect.signature(backend.new_group).parameters:
-        return
-
-    def new_group(ranks):
-        return torch.distributed.new_group(ranks, timeout=timeout)
-
-    backend.new_group = new_group
 
 
 def rank_threads(environ: MutableMapping[str, str]) -> int:

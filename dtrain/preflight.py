@@ -111,12 +111,30 @@ def model_file_problems(cfg: Config) -> list[str]:
     if tokenizer_code and not cfg.model.trust_remote_code:
         key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path"
         problems.append(f"{key}: the tokenizer needs its own code (auto_map in {tokenizer_config}){trust}")
+    problems += swap_buffer_problems(cfg, config, config_file)
     positions = config.get("max_position_embeddings")
     if isinstance(positions, int) and cfg.data.seq_len > positions:
         problems.append(
             f"data.seq_len: {cfg.data.seq_len} exceeds the model's max_position_embeddings {positions} ({config_file})"
         )
     return problems
+
+
+def swap_buffer_problems(cfg: Config, config: dict, config_file) -> list[str]:
+    """NVMe parameter offload sizes its swap buffers from the largest parameter, which the model's shape (read
+    from config.json on every rank, ds_config.largest_parameter) knows for the families dtrain plans."""
+    from dtrain.plan.shape import ModelShape
+
+    if cfg.deepspeed.offload_param.device != "nvme":
+        return []
+    try:
+        ModelShape.from_hf_config(config)
+    except ValueError as e:
+        return [
+            f"deepspeed.offload_param.device: nvme sizes its swap buffers from the model's shape, unknown for "
+            f"{config_file} ({e}); offload parameters to cpu"
+        ]
+    return []
 
 
 def chat_template_problems(cfg: Config) -> list[str]:

@@ -44,7 +44,7 @@ class Full:
     def build(self, cfg: Config, env: DistEnv, ds_config: dict[str, Any]) -> BuiltModel:
         from dtrain.strategies.loading import load_pretrained
 
-        model, keepalive = load_pretrained(cfg, ds_config)
+        model, keepalive = load_pretrained(cfg, ds_config, env.device)
         return BuiltModel(model, keepalive)
 
     def export(self, kind: str, checkpoint: Path, cfg: Config, out: Path, options: ExportOptions) -> ExportResult:

@@ -15,18 +15,23 @@ if TYPE_CHECKING:
     from dtrain.config import Config
 
 
-def load_pretrained(cfg: Config, ds_config: dict[str, Any], **kwargs: Any) -> tuple[torch.nn.Module, Any]:
-    """Load the HF model; under ZeRO-3 its parameters are partitioned while loading, never whole on one rank.
-    Returns (model, keepalive): the keepalive must outlive the model (see BuiltModel)."""
+def load_pretrained(
+    cfg: Config, ds_config: dict[str, Any], device: torch.device, **kwargs: Any
+) -> tuple[torch.nn.Module, Any]:
+    """Load the HF model; under ZeRO-3 its parameters are partitioned while loading, never whole on one rank;
+    below it, straight onto the rank's `device`. Returns (model, keepalive): the keepalive must outlive the model
+    (see BuiltModel). `kwargs` go to from_pretrained (quantization)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    keepalive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    stage = ds_config["zero_optimization"]["stage"]
+    keepalive = HfDeepSpeedConfig(ds_config) if stage == 3 else None
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.local_dir(),
         trust_remote_code=cfg.model.trust_remote_code,
         dtype=torch_dtype(cfg.train.precision),
         attn_implementation=attention_for(cfg).implementation,
+        device_map=load_device_map(stage, device),
         **kwargs,
     )
     if cfg.model.gradient_checkpointing:
@@ -36,11 +41,19 @@ def load_pretrained(cfg: Config, ds_config: dict[str, Any], **kwargs: Any) -> tu
     return model, keepalive
 
 
+def load_device_map(stage: int, device: torch.device) -> dict[str, int] | None:
+    """Where from_pretrained puts the weights. On a GPU below ZeRO-3, on the rank's GPU as they are read: loaded on
+    the host first, a node's 8 ranks would each hold the whole model in host RAM (128 GB for an 8B model) until
+    DeepSpeed moves it, and bitsandbytes quantizes on the GPU it loads to. ZeRO-3's partitioned load refuses a
+    device_map; on CPU the host is the device."""
+    return {"": device.index or 0} if device.type == "cuda" and stage < 3 else None
+
+
 def load_for_eval(cfg: Config, device: torch.device, **kwargs: Any) -> torch.nn.Module:
     """The base as training loads it (same dtype and attention), whole in one process, on `device`, in eval mode.
-    `kwargs` go to from_pretrained (quantization; a device_map places the model itself)."""
-    model, _ = load_pretrained(cfg, {"zero_optimization": {"stage": 0}}, **kwargs)
-    if "device_map" not in kwargs:
+    `kwargs` go to from_pretrained (quantization)."""
+    model, _ = load_pretrained(cfg, {"zero_optimization": {"stage": 0}}, device, **kwargs)
+    if load_device_map(0, device) is None:  # else loaded there (and a quantized model refuses .to)
         model.to(device)
     return model.eval()
 

@@ -53,7 +53,7 @@ class Lora:
         from dtrain.strategies import peft_adapters
         from dtrain.strategies.loading import load_pretrained
 
-        model, keepalive = load_pretrained(cfg, ds_config)
+        model, keepalive = load_pretrained(cfg, ds_config, env.device)
         model = peft_adapters.add_adapters(model, cfg)
         peft_adapters.report_trainable(model, cfg, env)
         return BuiltModel(model, keepalive)

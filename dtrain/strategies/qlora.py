@@ -54,10 +54,7 @@ class QLora:
         from dtrain.strategies import peft_adapters
         from dtrain.strategies.loading import load_pretrained
 
-        kwargs: dict[str, Any] = {"quantization_config": bnb_config(cfg)}
-        if env.device.type == "cuda" and ds_config["zero_optimization"]["stage"] < 3:
-            kwargs["device_map"] = {"": env.device.index}  # bnb quantizes on the GPU; ZeRO-3 refuses device_map
-        model, keepalive = load_pretrained(cfg, ds_config, **kwargs)
+        model, keepalive = load_pretrained(cfg, ds_config, env.device, quantization_config=bnb_config(cfg))
         model = peft_adapters.add_adapters(prepared_base(model, cfg, env.device), cfg)
         keep_only_tensors_in_state_dict(model)
         peft_adapters.report_trainable(model, cfg, env)
@@ -75,10 +72,7 @@ class QLora:
     def eval_model(self, cfg: Config, checkpoint: Path | None, device: torch.device) -> torch.nn.Module:
         from dtrain.strategies.loading import load_for_eval
 
-        kwargs: dict[str, Any] = {"quantization_config": bnb_config(cfg)}
-        if device.type == "cuda":
-            kwargs["device_map"] = {"": device.index or 0}  # bitsandbytes quantizes on the GPU
-        base = prepared_base(load_for_eval(cfg, device, **kwargs), cfg, device)
+        base = prepared_base(load_for_eval(cfg, device, quantization_config=bnb_config(cfg)), cfg, device)
         return lora.with_trained_adapter(base.eval(), cfg, checkpoint)
 
     def plan_terms(self, shape: ModelShape, cfg: Config) -> PlanTerms:

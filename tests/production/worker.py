@@ -73,7 +73,7 @@ def load(job: dict, cfg, env) -> None:
         ds_config["zero_optimization"]["offload_param"]["buffer_size"] = job["buffer_size"]
     result = {"ok": True, "error": "", "buffer_size": ds_config["zero_optimization"]["offload_param"]["buffer_size"]}
     try:
-        load_pretrained(cfg, ds_config)
+        load_pretrained(cfg, ds_config, env.device)
     except AssertionError as e:
         result.update(ok=False, error=f"{e}\n{traceback.format_exc(limit=-3)}")
     unset_hf_deepspeed_config()
