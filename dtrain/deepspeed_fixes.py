@@ -47,10 +47,10 @@ def universal_load_reads_own_share() -> None:
     DeepSpeed 0.19's `DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state` (runtime/zero/stage3.py) `torch.load`s
     each parameter's whole fp32 / exp_avg / exp_avg_sq file, pads it with `torch.cat` (a full copy) and keeps
     1/N of it: every rank reads the whole checkpoint (~840 GB per rank for a 70B model, x32 ranks from shared
-    storage). Here the file is opened on the meta device (its pickle only: dtypes, shapes and where each tensor's
-    bytes sit) and the slice's bytes are read from there. A memory map is not enough: page-fault readahead (8 MB
-    windows here, more on parallel file systems) pulls in most of the file around a slice. Tensors this cannot
-    slice alone (AutoEP experts, AutoTP shards) keep DeepSpeed's own path."""
+    storage). Here the file is loaded on the meta device (its pickle only: dtypes, shapes and where each tensor's
+    bytes sit) and the slice's bytes are read from there, with readahead off. A memory map is not enough: page-fault
+    readahead (8 MB windows here, more on parallel file systems) pulls in most of the file around a slice.
+    Tensors this cannot slice alone (AutoEP experts, AutoTP shards) keep DeepSpeed's own path."""
     import deepspeed
     from deepspeed import comm as dist
     from deepspeed.checkpoint.constants import EP_IS_EXPERT_PARAM, PARAM
@@ -62,38 +62,43 @@ def universal_load_reads_own_share() -> None:
         return
 
     def load_hp_checkpoint_state(self, folder, key, param=None):
-        path = os.path.join(folder, f"{key}.pt")
-        saved = torch.load(path, weights_only=False, map_location="meta")
-        if isinstance(saved, dict):
-            if saved.get(EP_IS_EXPERT_PARAM, False) or (param is not None and _get_param_uc_restore_meta(param)):
+        with open(os.path.join(folder, f"{key}.pt"), "rb", buffering=0) as file:
+            saved = torch.load(unread_ahead(file), weights_only=False, map_location="meta")
+            if isinstance(saved, dict):
+                if saved.get(EP_IS_EXPERT_PARAM, False) or (param is not None and _get_param_uc_restore_meta(param)):
+                    return deepspeeds(self, folder, key, param)
+                saved = saved[PARAM]
+            if not saved.is_contiguous():
                 return deepspeeds(self, folder, key, param)
-            saved = saved[PARAM]
-        if not saved.is_contiguous():
-            return deepspeeds(self, folder, key, param)
-        group = self._get_param_partition_group(param) if param is not None else self.dp_process_group
-        share = math.ceil(saved.numel() / dist.get_world_size(group=group))
-        start = min(dist.get_rank(group=group) * share, saved.numel())
-        partition = torch.zeros(share, dtype=saved.dtype)  # the zero padding DeepSpeed gives the last rank
-        read_elements(path, saved, start, partition[: min(share, saved.numel() - start)])
-        return partition
+            group = self._get_param_partition_group(param) if param is not None else self.dp_process_group
+            share = math.ceil(saved.numel() / dist.get_world_size(group=group))
+            start = min(dist.get_rank(group=group) * share, saved.numel())
+            partition = torch.zeros(share, dtype=saved.dtype)  # the zero padding DeepSpeed gives the last rank
+            read_elements(file, saved, start, partition[: min(share, saved.numel() - start)])
+            return partition
 
     load_hp_checkpoint_state.dtrain_fix = True
     Stage3.load_hp_checkpoint_state = load_hp_checkpoint_state
 
 
-def read_elements(path: str, saved: torch.Tensor, start: int, out: torch.Tensor) -> None:
-    """Fill `out` with elements `start`.. of `saved`, a contiguous tensor of the torch.save file `path` loaded with
-    map_location="meta" (which records each storage's byte offset in the file): those bytes only, no readahead."""
+def unread_ahead(file):
+    """`file` with the kernel's readahead off: reading the pickle at a file's start would otherwise pull in (and
+    mark for further readahead) megabytes of tensor data another rank owns."""
+    os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+    return file
+
+
+def read_elements(file, saved: torch.Tensor, start: int, out: torch.Tensor) -> None:
+    """Fill `out` with elements `start`.. of `saved`, a contiguous tensor of the torch.save `file` loaded with
+    map_location="meta" (which records each storage's byte offset in the file): those bytes only."""
     if out.numel() == 0:
         return
     first = saved.untyped_storage()._checkpoint_offset + (saved.storage_offset() + start) * saved.element_size()
     buffer = memoryview(out.view(torch.uint8).numpy())
-    with open(path, "rb", buffering=0) as file:
-        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-        file.seek(first)
-        done = 0
-        while done < len(buffer):
-            read = file.readinto(buffer[done:])
-            if not read:
-                raise EOFError(f"{path}: ends before the {out.numel()} elements at {start}")
-            done += read
+    file.seek(first)
+    done = 0
+    while done < len(buffer):
+        read = file.readinto(buffer[done:])
+        if not read:
+            raise EOFError(f"{file.name}: ends before the {out.numel()} elements at {start}")
+        done += read

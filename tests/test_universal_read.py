@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # a 2-rank training, a conversion, a 2-rank load
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return converted_checkpoint(tmp_path_factory.mktemp("universal-read"), hidden=256, layers=2)
+    return converted_checkpoint(tmp_path_factory.mktemp("universal-read"), hidden=512, layers=2)
 
 
 def test_each_of_two_ranks_reads_about_half_of_the_state(checkpoint):
@@ -26,18 +26,20 @@ def test_each_of_two_ranks_reads_about_half_of_the_state(checkpoint):
 
 def test_the_share_read_is_the_share_deepspeed_would_keep(checkpoint):
     """The fix's slice equals DeepSpeed's own (whole-file load, zero padding, narrow) for every parameter file."""
-    from dtrain.deepspeed_fixes import read_elements
+    from dtrain.deepspeed_fixes import read_elements, unread_ahead
 
     _, universal = checkpoint
     for path in state_files(universal)[:12]:
         whole = torch.load(path, weights_only=False)["param"].view(-1)
-        meta = torch.load(path, weights_only=False, map_location="meta")["param"]
+        file = unread_ahead(path.open("rb", buffering=0))
+        meta = torch.load(file, weights_only=False, map_location="meta")["param"]
         for world in (2, 3):
             share = -(-whole.numel() // world)
             padded = torch.cat([whole, torch.zeros(world * share - whole.numel(), dtype=whole.dtype)])
             for rank in range(world):
                 start = min(rank * share, whole.numel())
                 mine = torch.zeros(share, dtype=whole.dtype)
-                read_elements(str(path), meta, start, mine[: min(share, whole.numel() - start)])
+                read_elements(file, meta, start, mine[: min(share, whole.numel() - start)])
                 assert torch.equal(mine, padded.narrow(0, rank * share, share)), (path, world, rank)
+        file.close()
     assert {path.stem for path in state_files(universal)} == set(KEYS)
