@@ -233,7 +233,7 @@ def table(subject: Subject, plan: EvalData, rows: list[Row]) -> str:
     cfg = plan.cfg
     cap = "every block (eval.max_batches null)"
     if cfg.eval.max_batches:
-        cap = f"eval.max_batches {cfg.eval.max_batches} per rank x {plan.world_size} rank(s), as the run's trainer"
+        cap = f"eval.max_batches {cfg.eval.max_batches} per rank x {plan.world_size} rank(s)"
     lines = [
         f"model  {subject.label}",
         f"base   {subject.base_label or '(not known: give --base PATH)'}",

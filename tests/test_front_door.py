@@ -319,14 +319,18 @@ def test_resume_never_on_a_run_with_checkpoints_is_refused_before_launch(tmp_pat
 
 @pytest.fixture
 def misuse(tmp_path, tiny_model, base):
-    """Paths the CLI misuse table refers to: a valid config, a lora run with a fake checkpoint, a full one."""
+    """Paths the CLI misuse table refers to: a valid config, a lora run with a fake checkpoint, a full one, an
+    exported adapter's config."""
     config = write(tmp_path, base)
     lora_raw = json.loads(json.dumps(base)) | {"strategy": "lora", "output_dir": str(tmp_path / "lora-run")}
     plant_checkpoint(lora_raw, step=2)
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "weights.bin").write_text("x")
-    return {"cfg": str(config), "lora": str(tmp_path / "lora-run"), "tmp": tmp_path}
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model)}))
+    paths = {"cfg": str(config), "lora": str(tmp_path / "lora-run"), "adapter": str(tmp_path / "adapter")}
+    return {**paths, "tmp": tmp_path}
 
 
 MISUSE = [
@@ -363,6 +367,9 @@ MISUSE = [
     (["export", "{lora}", "--hf", "{tmp}/out"], "--hf is not for strategy lora"),
     (["export", "{lora}", "--checkpoint", "step-00000099", "--adapter", "{tmp}/out"], "is not a complete checkpoint"),
     (["export", "{lora}", "--checkpoint", "7", "--adapter", "{tmp}/out"], "is not a complete checkpoint"),
+    (["eval", "{lora}", "train.nope=1"], "train.nope: unknown key"),
+    (["eval", "{lora}", "eval.max_batches=0"], "eval.max_batches: must be >= 1"),
+    (["eval", "{adapter}"], "--data: required for {adapter} (adapter): an exported model records no run config"),
     (["tiny-model", "{tmp}/full"], "exists and is not empty"),
     (["tiny-model", "{tmp}/a-file"], "exists and is not empty"),
     (["submit", "{cfg}"], "the following arguments are required: --cluster"),
