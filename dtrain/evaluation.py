@@ -37,6 +37,13 @@ def eval_batches(num_samples: int, rank: int, world_size: int, micro_batch_size:
     return batches
 
 
+def one_process_batches(num_samples: int, micro_batch_size: int, max_batches: int | None,
+                        world_size: int) -> list[list[int]]:  # fmt: skip
+    """The samples that `world_size` ranks evaluate under `eval_batches` (the first max_batches rounds of
+    world_size x micro_batch_size), as one process's micro batches: the same set, so the same token-mean loss."""
+    return eval_batches(num_samples, 0, 1, micro_batch_size, max_batches * world_size if max_batches else None)
+
+
 @torch.no_grad()
 def token_mean_loss(
     model: torch.nn.Module,

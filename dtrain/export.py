@@ -235,8 +235,11 @@ def export_checkpoint(checkpoint: Path, outputs: dict[str, Path], options: Expor
         kinds = ", ".join(f"--{k}" for k in strategy.export_kinds)
         raise ExportError(f"--{wrong[0]} is not for strategy {cfg.strategy}; this run exports {kinds}")
     resolved = {kind: Path(out).resolve() for kind, out in outputs.items()}
-    if len(set(resolved.values())) < len(resolved):
-        raise ExportError("each export kind needs its own output folder")
+    for kind, out in resolved.items():
+        shared = [f"--{other}" for other, other_out in resolved.items() if other_out == out and other != kind]
+        if shared:
+            raise ExportError(f"--{kind} and {' and '.join(shared)} both write {outputs[kind]}: each export kind "
+                              "needs its own output folder")  # fmt: skip
     for out in resolved.values():
         check_output_folder(out)
     results = []

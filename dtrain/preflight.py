@@ -137,15 +137,21 @@ def swap_buffer_problems(cfg: Config, config: dict, config_file) -> list[str]:
     return []
 
 
-def chat_template_problems(cfg: Config) -> list[str]:
-    """A chat template with a Jinja syntax error is otherwise found only while preparing the data, inside a rank."""
+def chat_template(cfg: Config) -> tuple[str, str | None]:
+    """The chat template a run with chat data renders with, and the key that sets it; (key, None) without one."""
     if not any(ds.format == "chat" for _, ds in cfg.dataset_entries()):
-        return []
+        return "data.chat_template", None
     key, template = "data.chat_template", cfg.data.chat_template
     if template is None:
         key, template = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path", _tokenizer_template(cfg)
-    if template is None or not template.strip():
-        return []  # no template at all: the data layer says how to set one
+    return key, template if template and template.strip() else None  # none at all: the data layer says how to set one
+
+
+def chat_template_problems(cfg: Config) -> list[str]:
+    """A chat template with a Jinja syntax error is otherwise found only while preparing the data, inside a rank."""
+    key, template = chat_template(cfg)
+    if template is None:
+        return []
     import jinja2
     from transformers.utils.chat_template_utils import _compile_jinja_template
 

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--nproc", type=int, default=None, help="ranks per node (default: --gpus-per-node, or 1)")
     _hardware_args(check, required=False)
     check.add_argument("--allow-no-fit", action="store_true", help="report a run that cannot fit, but pass")
+    check.add_argument("--show-deepspeed", action="store_true", help="also print the DeepSpeed JSON the ranks get")
     check.set_defaults(handler=cmd_check)
 
     plan = commands.add_parser("plan", help="memory per GPU / node / NVMe for this run and its alternatives")
@@ -131,8 +132,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"               {line}")
     for warning in launch_warnings(cfg):
         print(f"  WARNING      {warning}")
-    print("  deepspeed config:")
-    print("    " + json.dumps(build_deepspeed_config(cfg, layout), indent=2).replace("\n", "\n    "))
+    if args.show_deepspeed:
+        print("  deepspeed config:")
+        print("    " + json.dumps(build_deepspeed_config(cfg, layout), indent=2).replace("\n", "\n    "))
     if fit and fit[0] == "does NOT fit" and not args.allow_no_fit:
         print(f"dtrain check: the run cannot fit: {'; '.join(fit[1:])} (--allow-no-fit to pass)", file=sys.stderr)
         return 2

@@ -40,7 +40,23 @@ def launch_warnings(cfg: Config) -> list[str]:
             f"on the CPU, where torch AdamW is {TORCH_ADAMW_CPU_SLOWDOWN}x slower than DeepSpeed's CPU Adam or more "
             "(bench/cpu_adam_vs_torch.py, 100M parameters); use adamw_deepspeed unless you need bitwise-exact resume"
         )
-    return warnings
+    return warnings + tool_warnings(cfg)
+
+
+def tool_warnings(cfg: Config) -> list[str]:
+    """A chat template that shows no tool definitions or no tool calls: rows that have them are refused while
+    preparing (or skipped with data.on_bad_row: skip), which check says before any data is read."""
+    from dtrain.data.chat_template import cannot_render
+    from dtrain.preflight import chat_template
+
+    key, template = chat_template(cfg)
+    missing = cannot_render(template) if template else []
+    if not missing:
+        return []
+    return [
+        f"{key}: the chat template renders no {' and no '.join(missing)}: chat rows that have them will be refused "
+        "(data.on_bad_row: skip skips them)"
+    ]
 
 
 def ops_report(cfg: Config) -> list[str]:

@@ -193,6 +193,31 @@ def test_a_model_that_needs_its_own_code_is_refused(tmp_path, tiny_model, base):
     assert "model.path: " in result.stderr and "its own modelling code" in result.stderr
 
 
+def test_check_prints_the_verdict_and_the_deepspeed_json_only_on_request(tmp_path, base):
+    config = str(write(tmp_path, base))
+    short, full = dtrain("check", config), dtrain("check", config, "--show-deepspeed")
+    assert short.returncode == full.returncode == 0, short.stderr + full.stderr
+    assert f"{config}: OK" in short.stdout and "zero_optimization" not in short.stdout
+    assert len(short.stdout.splitlines()) < 20
+    shown = full.stdout.split("  deepspeed config:\n", 1)[1]
+    assert json.loads(shown)["zero_optimization"]["stage"] == base["deepspeed"]["stage"]
+
+
+def test_check_says_when_the_chat_template_cannot_render_tools(tmp_path, base):
+    from tests.data.test_data_chat_tools import PLAIN_CHATML
+
+    chat(base)
+    with_tools = dtrain("check", str(write(tmp_path, base)))  # the tiny model's template renders tools
+    base["data"]["chat_template"] = PLAIN_CHATML
+    without = dtrain("check", str(write(tmp_path, base)))
+    assert with_tools.returncode == without.returncode == 0, with_tools.stderr + without.stderr
+    assert "tool" not in with_tools.stdout
+    assert (
+        "WARNING      data.chat_template: the chat template renders no tool definitions and no tool calls: chat rows "
+        "that have them will be refused" in without.stdout
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A resumed run is the same run
 
@@ -294,14 +319,18 @@ def test_resume_never_on_a_run_with_checkpoints_is_refused_before_launch(tmp_pat
 
 @pytest.fixture
 def misuse(tmp_path, tiny_model, base):
-    """Paths the CLI misuse table refers to: a valid config, a lora run with a fake checkpoint, a full one."""
+    """Paths the CLI misuse table refers to: a valid config, a lora run with a fake checkpoint, a full one, an
+    exported adapter's config."""
     config = write(tmp_path, base)
     lora_raw = json.loads(json.dumps(base)) | {"strategy": "lora", "output_dir": str(tmp_path / "lora-run")}
     plant_checkpoint(lora_raw, step=2)
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "weights.bin").write_text("x")
-    return {"cfg": str(config), "lora": str(tmp_path / "lora-run"), "tmp": tmp_path}
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model)}))
+    paths = {"cfg": str(config), "lora": str(tmp_path / "lora-run"), "adapter": str(tmp_path / "adapter")}
+    return {**paths, "tmp": tmp_path}
 
 
 MISUSE = [
@@ -331,10 +360,16 @@ MISUSE = [
     (["export", "{lora}", "--adapter", "{tmp}/full"], "exists and is not empty"),
     (["export", "{lora}", "--merged", "{tmp}/out", "--max-shard-size", "lots"], "--max-shard-size: size 'lots'"),
     (["export", "{lora}", "--merged", "{tmp}/out", "--max-shard-size=-1GB"], "--max-shard-size: size '-1GB'"),
-    (["export", "{lora}", "--adapter", "{tmp}/out", "--merged", "{tmp}/out"], "its own output folder"),
+    (
+        ["export", "{lora}", "--adapter", "{tmp}/out", "--merged", "{tmp}/out"],
+        "--adapter and --merged both write {tmp}/out",
+    ),
     (["export", "{lora}", "--hf", "{tmp}/out"], "--hf is not for strategy lora"),
     (["export", "{lora}", "--checkpoint", "step-00000099", "--adapter", "{tmp}/out"], "is not a complete checkpoint"),
     (["export", "{lora}", "--checkpoint", "7", "--adapter", "{tmp}/out"], "is not a complete checkpoint"),
+    (["eval", "{lora}", "train.nope=1"], "train.nope: unknown key"),
+    (["eval", "{lora}", "eval.max_batches=0"], "eval.max_batches: must be >= 1"),
+    (["eval", "{adapter}"], "--data: required for {adapter} (adapter): an exported model records no run config"),
     (["tiny-model", "{tmp}/full"], "exists and is not empty"),
     (["tiny-model", "{tmp}/a-file"], "exists and is not empty"),
     (["submit", "{cfg}"], "the following arguments are required: --cluster"),
@@ -351,7 +386,7 @@ def test_cli_misuse_is_one_line_exit_2_nothing_written(misuse, argv, message):
     result = dtrain(*argv)  # argparse's own usage errors exit 2 too
     err = result.stderr
     assert result.returncode == 2, err
-    assert message in err and "Traceback" not in err, err
+    assert message.format(**misuse) in err and "Traceback" not in err, err
     assert sorted(str(p) for p in misuse["tmp"].rglob("*")) == before
 
 

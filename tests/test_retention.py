@@ -110,14 +110,20 @@ def test_a_resumed_run_keeps_the_baseline_of_its_first_launch(run):
     assert baselines == [{"general": read_metrics(run, "retention/general/loss")[0]}] * 2
 
 
-def eval_table(*args: str) -> dict[str, list[float]]:
-    """`dtrain eval ARGS` in-process -> data set name -> the numbers of its row."""
+def eval_output(*args: str) -> tuple[str, dict[str, tuple[list[int], list[float]]]]:
+    """`dtrain eval ARGS` in-process -> what it printed, and data set name -> ([blocks evaluated, blocks in the
+    set], [tokens, loss, ppl, base loss, base ppl, change])."""
     out = run_dtrain("eval", *args, in_process=True).stdout
     rows = {}
-    for line in out.splitlines()[4:]:
-        name, *numbers = line.split()
-        rows[name] = [float(n.replace(",", "")) for n in numbers]
-    return rows
+    for line in out.splitlines()[5:]:
+        name, blocks, *numbers = line.split()
+        rows[name] = ([int(n) for n in blocks.split("/")], [float(n.replace(",", "")) for n in numbers])
+    return out, rows
+
+
+def eval_table(*args: str) -> dict[str, list[float]]:
+    """`dtrain eval ARGS` in-process -> data set name -> the numbers of its row."""
+    return {name: numbers for name, (_, numbers) in eval_output(*args)[1].items()}
 
 
 def test_dtrain_eval_agrees_with_the_trainers_own_eval(run):
@@ -131,6 +137,22 @@ def test_dtrain_eval_agrees_with_the_trainers_own_eval(run):
     general = read_metrics(run, "retention/general/loss")
     assert rows["general"][1] == pytest.approx(general[2], abs=1e-4)
     assert rows["general"][3] == pytest.approx(general[0], abs=1e-4)  # the base: the step-0 baseline
+
+
+def test_dtrain_eval_of_a_run_evaluates_what_its_trainer_did(tmp_path, tiny_model):
+    """The shipped tiny LoRA config (eval.max_batches 4) trained on 2 ranks with data.seq_len on the command line:
+    `dtrain eval RUN` evaluates what the checkpoint's resolved config says, the trainer's blocks at its seq_len, and
+    takes key=value overrides."""
+    keys = {"train.max_steps": 2, "train.warmup_steps": 1, "eval.every_steps": 2, "checkpoint.every_steps": 2}
+    launch(write_config(tmp_path / "cfg.yaml", tiny_model, base="configs/tiny-lora.yaml", **keys), "data.seq_len=128")
+    run = tmp_path / "run"
+    out, rows = eval_output(str(run))
+    (blocks, total), numbers = rows["eval"]
+    assert "seq_len 128," in out and "eval.max_batches 4 per rank x 2 rank(s)" in out, out
+    assert blocks == 4 * 2 * 2 < total  # max_batches x ranks x micro batch, of a larger eval split
+    assert numbers[1] == pytest.approx(read_metrics(run, "eval/loss")[2], abs=1e-4)  # the table prints 4 decimals
+    out, every = eval_output(str(run), "eval.max_batches=null")
+    assert every["eval"][0] == [total, total] and "every block (eval.max_batches null)" in out
 
 
 def test_an_exported_adapter_evaluates_like_its_checkpoint(run):

@@ -19,6 +19,12 @@ import yaml
 
 T = TypeVar("T")
 
+# Keys an older dtrain read, with what replaced them: a config written for it is told what to write now, not only
+# "unknown key". Dotted paths from the top of the file.
+RENAMED = {
+    "logging.tensorboard": "replaced by logging.report_to, a list (report_to: [tensorboard]; [] for none)",
+}
+
 
 class ConfigError(ValueError):
     """All problems found in a config, each prefixed by its dotted key path."""
@@ -185,7 +191,9 @@ def _convert_section(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     names = {f.name for f in dataclasses.fields(tp) if f.init}
     prefix = key + "." if key else ""
     for unknown in sorted(set(value) - names, key=str):
-        problems.append(f"{prefix}{unknown}: unknown key (known here: {', '.join(sorted(names))})")
+        renamed = RENAMED.get(f"{prefix}{unknown}")
+        known = f"unknown key (known here: {', '.join(sorted(names))})"
+        problems.append(f"{prefix}{unknown}: {renamed or known}")
     kwargs = {name: convert(hints[name], value[name], prefix + name, problems) for name in names if name in value}
     return tp(**kwargs)
 

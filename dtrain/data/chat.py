@@ -7,10 +7,14 @@ several messages of one role in a row are fine where the template renders them, 
 conversation (`raise_exception`) makes a row error with the template's own words.
 
 Which tokens are trained:
-- roles_to_train [assistant] and a template with {% generation %} markers: exactly what the markers enclose;
+- roles_to_train [assistant] and a template with {% generation %} markers (any spelling transformers accepts, as its
+  own parser decides: dtrain.data.chat_template): exactly what the markers enclose;
 - otherwise each trained message is "the text the template adds for it": render(messages[:k+1]) minus
   render(messages[:k]) (with the generation prompt before an assistant message, so its header is not trained).
   That needs a template whose rendering of a prefix is a prefix of the full rendering (ChatML, Llama, Mistral...).
+
+A row's tool definitions and tool calls must reach the rendered text: a template that drops them (plain ChatML
+renders neither) would train the tool-call turn on an empty reply, so such a row is an error (or skipped).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import jinja2
 
 from dtrain.config.data import CHAT_ROLES
+from dtrain.data.chat_template import dropped_tool_parts, has_generation_markers
 from dtrain.data.errors import RowError
 from dtrain.data.formats import Example, get_text, make_example
 
@@ -42,6 +47,7 @@ def chat_example(row: dict[str, Any], ds, tokenizer, template: str) -> Example:
     messages = normalize_messages(row, ds, roles)
     tools = _json_field(row, ds.tools_field, required=False)
     try:
+        _check_tools_rendered(tokenizer, messages, template, tools, ds.tools_field)
         if roles == ["assistant"] and has_generation_markers(template):
             ids, mask = _render_with_generation_marks(tokenizer, messages, template, tools)
         else:
@@ -51,8 +57,21 @@ def chat_example(row: dict[str, Any], ds, tokenizer, template: str) -> Example:
     return make_example(ids, mask)
 
 
-def has_generation_markers(template: str) -> bool:
-    return "{% generation %}" in template or "{%- generation %}" in template
+def _check_tools_rendered(tokenizer, messages, template, tools, tools_field: str) -> None:
+    if not tools and not any(m.get("tool_calls") for m in messages):
+        return
+
+    def render(msgs, row_tools) -> str:
+        return tokenizer.apply_chat_template(msgs, tools=row_tools, chat_template=template, tokenize=False)
+
+    dropped = dropped_tool_parts(render, messages, tools)
+    if dropped:
+        named = [f"{d} (field {tools_field!r})" if d == "the tool definitions" else d for d in dropped]
+        raise RowError(
+            "tools not rendered",
+            f"the chat template does not render {' and '.join(named)}: they would vanish from the training text; "
+            "use a template that renders tools (data.chat_template) or drop them from the data",
+        )
 
 
 def normalize_messages(row: dict[str, Any], ds, roles_to_train: list[str]) -> list[dict[str, Any]]:

@@ -10,8 +10,9 @@ import json
 import pytest
 
 from dtrain.config import DatasetConfig
-from dtrain.data import RowError
+from dtrain.data import DataError, RowError, prepare_data
 from dtrain.data.chat import chat_example
+from dtrain.data.chat_template import cannot_render
 from dtrain.data.formats import IGNORE
 from dtrain.tiny import CHAT_TEMPLATE, train_tokenizer
 
@@ -110,3 +111,52 @@ def test_a_conversation_must_end_with_a_trained_role(tok):
         chat_example(
             {"messages": TOOL_CHAT["messages"][:1]}, chat_ds(roles_to_train=["assistant", "tool"]), tok, CHAT_TEMPLATE
         )
+
+
+# ChatML that shows neither tool definitions nor tool calls: the template most chat models without tool support ship.
+PLAIN_CHATML = (
+    "{{ bos_token }}{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_generation_markers_with_whitespace_control_train_what_transformers_marks(tok):
+    """`{%- generation -%}` is a generation block to transformers: trained tokens are its assistant mask."""
+    template = CHAT_TEMPLATE.replace("{% generation %}", "{%- generation -%}").replace(
+        "{% endgeneration %}", "{%- endgeneration -%}"
+    )
+    example = chat_example(TOOL_CHAT, chat_ds(), tok, template)
+    marked = tok.apply_chat_template(
+        TOOL_CHAT["messages"], tools=TOOL_CHAT["tools"], chat_template=template, tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True,
+    )  # fmt: skip
+    assert example.input_ids.tolist() == list(marked["input_ids"])
+    trained = [i for i, label in enumerate(example.labels.tolist()) if label != IGNORE]
+    assert trained == [i for i, m in enumerate(marked["assistant_masks"]) if m and i > 0]
+    assert trained_spans(tok, example) == [CALL_TEXT + "<|im_end|>", "Rain and 4 C.<|im_end|>"]  # no newline
+
+
+def test_tools_a_template_does_not_render_are_an_error_naming_file_and_line(tmp_path, make_cfg, tokenizer):
+    path = tmp_path / "tools.jsonl"
+    calls_only = {"messages": TOOL_CHAT["messages"]}  # tool calls, no tool definitions
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    path.write_text("\n".join(json.dumps(row) for row in (good, TOOL_CHAT, calls_only, good)) + "\n")
+    cfg = make_cfg((path, "chat"), chat_template=PLAIN_CHATML)
+    with pytest.raises(DataError) as error:
+        prepare_data(cfg, tokenizer, rank=0, world_size=1)
+    assert f"{path}:2: the chat template does not render the tool definitions (field 'tools') and the tool_calls " \
+           "of message 1" in str(error.value)  # fmt: skip
+    skip = make_cfg((path, "chat"), chat_template=PLAIN_CHATML, on_bad_row="skip")
+    report = prepare_data(skip, tokenizer, rank=0, world_size=1).report
+    assert report.skipped == {"tools not rendered": 2} and report.examples == 2
+    assert report.datasets[0].first_skipped["tools not rendered"].startswith(f"{path}:2: ")
+    # The same rows under a template that renders tools prepare without a word.
+    rendered = make_cfg((path, "chat"), chat_template=CHAT_TEMPLATE)
+    assert prepare_data(rendered, tokenizer, rank=0, world_size=1).report.skipped == {}
+
+
+def test_which_templates_cannot_render_tools_at_all():
+    only_calls = CHAT_TEMPLATE.replace("{%- for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{%- endfor %}", "")
+    assert cannot_render(PLAIN_CHATML) == ["tool definitions", "tool calls"]
+    assert cannot_render(only_calls) == ["tool definitions"]
+    assert cannot_render(CHAT_TEMPLATE) == [] and cannot_render(STRICT) == []  # STRICT refuses the probe: rows say
