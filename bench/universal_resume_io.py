@@ -46,7 +46,7 @@ def _read_bytes() -> int:
     raise RuntimeError("/proc/self/io has no read_bytes")
 
 
-def _rank(rank: int, world_size: int, port: int, model_dir: str, universal: str, out: str) -> None:
+def _rank(rank: int, world_size: int, port: int, model_dir: str, universal: str, out: str, alone: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")  # fmt: skip
     import torch
@@ -56,6 +56,10 @@ def _rank(rank: int, world_size: int, port: int, model_dir: str, universal: str,
 
     dist.compute_init(timeout_minutes=10)  # applies dtrain's DeepSpeed fixes, as a rank of a run does
     import deepspeed
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    if alone:
+        Stage3.load_hp_checkpoint_state = Stage3.load_hp_checkpoint_state.__wrapped__
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
@@ -74,15 +78,16 @@ def _rank(rank: int, world_size: int, port: int, model_dir: str, universal: str,
     torch.distributed.destroy_process_group()
 
 
-def read_per_rank(model_dir: Path, universal: Path, nproc: int) -> list[int]:
-    """Bytes each of `nproc` ranks reads from storage to load its share of `universal`'s optimizer state."""
+def read_per_rank(model_dir: Path, universal: Path, nproc: int, deepspeed_alone: bool = False) -> list[int]:
+    """Bytes each of `nproc` ranks reads from storage to load its share of `universal`'s optimizer state (with
+    DeepSpeed's own loader instead of dtrain's fix: `deepspeed_alone`)."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank, args=(nproc, port, str(model_dir), str(universal), out), nprocs=nproc)
+        mp.spawn(_rank, args=(nproc, port, str(model_dir), str(universal), out, deepspeed_alone), nprocs=nproc)
         return [int(Path(out, f"rank{rank}").read_text()) for rank in range(nproc)]
 
 
@@ -114,12 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         model, universal = converted_checkpoint(Path(tmp), args.hidden, args.layers)
         total = sum(path.stat().st_size for path in state_files(universal))
         print(f"\noptimizer state files (fp32, exp_avg, exp_avg_sq): {total / 2**20:.1f} MiB", flush=True)
-        print("ranks | read per rank, MiB (min-max) | per rank / files | ideal 1/N", flush=True)
+        print("ranks | loader          | read per rank, MiB (min-max) | per rank / files | ideal 1/N", flush=True)
         for nproc in args.nproc:
-            read = read_per_rank(model, universal, nproc)
-            low, high = min(read) / 2**20, max(read) / 2**20
-            print(f"{nproc:5d} | {low:8.1f} - {high:8.1f}          | {max(read) / total:16.3f} | {1 / nproc:.3f}",
-                  flush=True)  # fmt: skip
+            for alone in (False, True):
+                read = read_per_rank(model, universal, nproc, deepspeed_alone=alone)
+                low, high, loader = min(read) / 2**20, max(read) / 2**20, "DeepSpeed alone" if alone else "dtrain"
+                print(f"{nproc:5d} | {loader:<15} | {low:8.1f} - {high:8.1f}          | {max(read) / total:16.3f} | "
+                      f"{1 / nproc:.3f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
