@@ -32,7 +32,7 @@ def groups_inherit_timeout(timeout: timedelta) -> None:
     from deepspeed.comm import comm  # the module holding the backend object, not the package's copy of it
 
     backend = comm.cdb
-    if "timeout" in inspect.signature(backend.new_group).parameters:
+    if backend is None or "timeout" in inspect.signature(backend.new_group).parameters:  # None: no process group
         return
 
     def new_group(ranks):
