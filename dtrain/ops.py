@@ -45,6 +45,7 @@ BUILDERS = {
 CACHE_ROOT_ENV = "DTRAIN_OPS_CACHE"
 """The folder holding one cache folder per machine type (default ~/.cache/dtrain-ops); it should be on storage the
 nodes share, so that one build per machine type serves every node of that type."""
+CPUINFO = Path("/proc/cpuinfo")
 MACHINE_FILE = "machine.txt"  # in each cache folder: which machine type it is for, in words
 
 # /proc/cpuinfo fields that say which CPU this is and which instruction sets it has (what gcc's -march=native
@@ -122,7 +123,7 @@ class MachineType:
 def this_machine() -> MachineType:
     import torch
 
-    cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
+    cpuinfo = CPUINFO.read_text(errors="replace") if CPUINFO.exists() else ""
     spec = importlib.util.find_spec("deepspeed")
     return MachineType(
         arch=platform.machine(),
