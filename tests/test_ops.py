@@ -169,8 +169,8 @@ def test_check_refuses_an_nvcc_of_another_cuda_major(tmp_path, tiny_model, nvcc)
     assert run_dtrain("check", str(config), in_process=True, check=False).returncode == 0
 
 
-def test_submit_refuses_a_profile_that_loads_another_cuda_major(tmp_path, tiny_model, nvcc):
-    config = write_config(tmp_path / "cfg.yaml", tiny_model)
+def test_submit_refuses_a_profile_that_loads_another_cuda_major(tmp_path, tiny_model, nvcc, monkeypatch):
+    config = write_config(tmp_path / "cfg.yaml", tiny_model, **{"train.optimizer": "adamw_deepspeed"})
     h100 = (REPO / "slurm" / "clusters" / "h100.yaml").read_text()
     assert "module load cuda/12.4" in h100
     profile = tmp_path / "old-cuda.yaml"
@@ -179,7 +179,11 @@ def test_submit_refuses_a_profile_that_loads_another_cuda_major(tmp_path, tiny_m
     assert refused.returncode == 2, refused.stdout
     assert f"in {profile}" in refused.stderr and "torch was built for CUDA 12.4" in refused.stderr
     assert "setup: `module load gcc/12 cuda/11.8`: CUDA 11.8" in refused.stderr, refused.stderr
+    # sbatch exports the submitting environment to the job: the login node's op cache and accelerator must stay out
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     shipped = run_dtrain("submit", str(config), "--cluster", str(REPO / "slurm" / "clusters" / "h100.yaml"),
                          "--dry-run", in_process=True, check=False)  # fmt: skip
     assert shipped.returncode == 0, shipped.stderr
-    assert "  ds ops        none compiled" in shipped.stdout  # torch AdamW on GPU ranks: no DeepSpeed op
+    assert "  ds ops        cpu_adam (cuda ranks): " in shipped.stdout, shipped.stdout
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ and "DS_ACCELERATOR" not in os.environ
