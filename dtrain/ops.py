@@ -115,7 +115,7 @@ class MachineType:
 
     def describe(self) -> str:
         cpu = self.cpu.get("model name") or f"CPU part {self.cpu.get('CPU part', '?')}"
-        gpus = f", {len(self.gpus)} x {self.gpus[0]}" if self.gpus else ", no GPU"
+        gpus = f", {' + '.join(self.gpus)}" if self.gpus else ", no GPU"
         cuda = f"CUDA {self.cuda}" if self.cuda else "CPU build"
         return f"{self.arch} {cpu}{gpus}; python {self.python}, torch {self.torch} ({cuda}), deepspeed {self.deepspeed}"
 
@@ -128,7 +128,7 @@ def this_machine() -> MachineType:
     return MachineType(
         arch=platform.machine(),
         cpu=cpu_type(cpuinfo),
-        gpus=tuple(gpu_models()),
+        gpus=tuple(sorted(set(gpu_models()))),  # the models, not their count: a build serves any of them
         python=platform.python_version(),
         torch=torch.__version__,
         cuda=torch.version.cuda,
@@ -266,11 +266,11 @@ def nvcc_release(environ: MutableMapping[str, str] = os.environ) -> str | None:
     return found.group(1) if found else None
 
 
-def cuda_mismatch(toolkit: str, torch_cuda: str | None) -> str | None:
+def cuda_mismatch(toolkit: str, torch_cuda: str) -> str | None:
     """Why CUDA `toolkit` cannot build ops for a torch built with CUDA `torch_cuda`; None when it can. DeepSpeed's
     op builder refuses another CUDA major (builder.py, assert_no_cuda_mismatch) and so does torch: every rank that
     compiles an op stops."""
-    if torch_cuda is None or toolkit.split(".")[0] == torch_cuda.split(".")[0]:
+    if toolkit.split(".")[0] == torch_cuda.split(".")[0]:
         return None
     return (
         f"CUDA {toolkit}, but torch was built for CUDA {torch_cuda}: DeepSpeed cannot compile its CUDA ops with it "

@@ -68,6 +68,8 @@ def cuda_problems(setup: list[str] | None = None) -> list[str]:
 
     from dtrain.ops import cuda_mismatch, nvcc_release
 
+    if torch.version.cuda is None:  # a CPU build compiles no CUDA op
+        return []
     if setup is None:
         found = [("nvcc on this machine", nvcc_release())]
     else:
