@@ -206,18 +206,24 @@ def op_status(name: str, folder: Path | None = None) -> OpStatus:
         return OpStatus(name, built=False, compatible=False, problem="no builder on this accelerator")
     if installed_ops.get(builder.NAME, False):  # precompiled into a DeepSpeed wheel (DS_BUILD_OPS=1)
         return OpStatus(name, built=True, compatible=True)
-    if _built_in(folder, builder.NAME):
+    if _built_in(folder, builder):
         return OpStatus(name, built=True, compatible=True)
     compatible = builder.is_compatible(verbose=False)
     problem = "" if compatible else _incompatible_reason(name)
     # torch's FileBaton: a plain file, no pid or flock; the builder waits while it exists
     lock = folder / builder.NAME / "lock"
-    others = tuple(_machine_of(other) for other in _other_folders(folder) if _built_in(other, builder.NAME))
+    others = tuple(_machine_of(other) for other in _other_folders(folder) if _built_in(other, builder))
     return OpStatus(name, False, compatible, problem, lock if lock.exists() else None, others)
 
 
-def _built_in(folder: Path, extension: str) -> bool:
-    return (folder / extension / f"{extension}.so").is_file()
+def _built_in(folder: Path, builder) -> bool:
+    """The op's library is there and newer than its sources. A reinstalled DeepSpeed (same path, a new venv, an
+    upgrade) has newer sources: ninja then rebuilds it in the first rank that loads it, so it is not built."""
+    library = folder / builder.NAME / f"{builder.NAME}.so"
+    if not library.is_file():
+        return False
+    sources = [Path(builder.deepspeed_src_path(source)) for source in builder.sources()]
+    return all(library.stat().st_mtime >= source.stat().st_mtime for source in sources if source.exists())
 
 
 def _other_folders(folder: Path) -> list[Path]:

@@ -116,6 +116,17 @@ def test_build_config_builds_exactly_the_ops_it_loads(tmp_path, tiny_model):
     assert wrong.returncode == 2 and "missing.yaml: neither an op" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
+def test_a_build_older_than_the_installed_sources_is_not_built(tmp_path):
+    """A venv recreated at the same path (a fresh clone's second `make demo`) has the same cache folder but newer
+    DeepSpeed sources: ninja rebuilds the op in the ranks, so status and build must not take it as built."""
+    extensions = built_shm_comm(tmp_path)
+    builder = ops._builder("shm_comm")
+    assert ops.op_status("shm_comm", extensions).built
+    library = extensions / builder.NAME / f"{builder.NAME}.so"
+    os.utime(library, (0, 0))  # built before the sources were installed
+    assert not ops.op_status("shm_comm", extensions).built
+
+
 def check_lines(*args: str) -> list[str]:
     out = run_dtrain("check", *args, in_process=True).stdout.splitlines()
     start = next(i for i, line in enumerate(out) if line.startswith("  ds ops"))
