@@ -4,6 +4,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 NPROC   ?= 2
 
 .PHONY: setup libaio demo test test-all test-fast lint slurm-up slurm-down clean
@@ -26,8 +27,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e .
 	touch $(STAMP)
+
+# pytest, ruff and the optional loggers the tests exercise (wandb, mlflow): the demo does without them.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(TEST_STAMP)
 
 runs/tiny-model/config.json: | $(STAMP)
 	$(BIN)/dtrain tiny-model runs/tiny-model
@@ -40,20 +46,20 @@ demo: setup runs/tiny-model/config.json
 
 # The whole suite. The Slurm tests install, start and stop a real single-node cluster themselves
 # (slurm/testcluster/start, stop): nothing to set up by hand.
-test: setup
+test: $(TEST_STAMP)
 	$(BIN)/python -m dtrain.ops build shm_comm
 	$(BIN)/python -m pytest -q -rs -m "not long" $(PYTEST_ARGS)
 
 # Everything, the `long` runs included (production path, fault trials, 2-node failure scenarios): ~2x make test.
-test-all: setup libaio
+test-all: $(TEST_STAMP) libaio
 	$(BIN)/python -m dtrain.ops build shm_comm cpu_adam pin_memory async_io
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m dtrain.ops build shm_comm
 	$(BIN)/python -m pytest -q -m "not slurm and not slow" $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff format --check . && $(BIN)/ruff check .
 
 clean:
