@@ -33,9 +33,13 @@ class DistEnv:
 
 
 def select_accelerator() -> str:
-    """Name of the DeepSpeed accelerator for this machine; must run before deepspeed is imported."""
+    """Name of the DeepSpeed accelerator for this machine; must run before deepspeed is imported. Also points the
+    op cache at this machine type's folder (dtrain.ops.use_ops_cache), before any op loads."""
+    from dtrain.ops import use_ops_cache
+
     name = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.setdefault("DS_ACCELERATOR", name)
+    use_ops_cache()
     return os.environ["DS_ACCELERATOR"]
 
 

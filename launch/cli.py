@@ -10,7 +10,7 @@ import sys
 from dtrain_launch.eval_cmd import add_eval_parser
 from dtrain_launch.export_cmd import add_export_parser
 from dtrain_launch.submit_cmd import add_submit_parsers
-from dtrain_launch.validate import fit_report, launch_warnings, ops_report
+from dtrain_launch.validate import cuda_problems, fit_report, launch_warnings, ops_report
 
 from dtrain.config import ConfigError
 from dtrain.preflight import Launch, Preflight, preflight
@@ -99,12 +99,16 @@ def _preflight(args: argparse.Namespace, nproc_per_node: int = 1) -> Preflight:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from dtrain.attention import attention_for
+    from dtrain.dist import select_accelerator
     from dtrain.ds_config import build_deepspeed_config
 
     hardware = _hardware(args)
     per_node = args.nproc if args.nproc is not None else (hardware.gpus_per_node if hardware else 1)
     checked = _preflight(args, per_node)
     cfg, layout = checked.cfg, checked.resume.layout
+    problems = cuda_problems()
+    if problems:
+        raise ConfigError(problems)
     fit = fit_report(cfg, layout, hardware)
     ds = cfg.deepspeed
     print(f"{args.config}: OK")
@@ -126,7 +130,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  memory       {fit[0] if fit else 'not checked (give --gpus-per-node --gpu-mem --cpu-mem)'}")
     for line in fit[1:]:
         print(f"               {line}")
-    ops = ops_report(cfg)
+    ops = ops_report(cfg, "cuda" if args.gpus_per_node else select_accelerator())
     print(f"  ds ops       {ops[0] if ops else 'none compiled'}")
     for line in ops[1:]:
         print(f"               {line}")

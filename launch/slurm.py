@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,13 +260,37 @@ def executor_parameters(profile: ClusterProfile, nodes: int, job_name: str) -> d
 
 
 def _srun_args(profile: ClusterProfile) -> list[str]:
+    return [*srun_task_args(profile.cpus_per_task), *profile.srun_args]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Facts of every dtrain job step, for `dtrain submit`'s jobs and slurm/sbatch/dtrain.sbatch alike (which asks for
+# them with `python -m dtrain_launch.slurm port|srun-args` inside the job)
+
+# Below Linux's ephemeral range (32768-60999 by default), from which the kernel hands out the local ports of
+# outgoing connections: a port drawn there can be taken on the first node by the time rank 0 binds it.
+PORT_RANGE = range(20000, 32768)
+
+
+def rendezvous_port(job_id: str, restart_count: int) -> int:
+    """The same port on every task of one run, a new one after each requeue (the old run's sockets may linger)."""
+    digits = "".join(c for c in job_id if c.isdigit()) or "0"
+    return PORT_RANGE.start + (int(digits) * 101 + restart_count) % len(PORT_RANGE)
+
+
+def restart_count(environ: Mapping[str, str]) -> int:
+    """How many times Slurm requeued this job (by us or by a preemption)."""
+    return int(environ.get("SLURM_RESTART_COUNT", "0"))
+
+
+def srun_task_args(cpus_per_task: int | None) -> list[str]:
     # One rank dying must end the job at once, not leave the others blocked in a collective until its timeout.
     args = ["--kill-on-bad-exit=1"]
-    if profile.cpus_per_task:
+    if cpus_per_task:
         # Since Slurm 22.05 srun no longer inherits the job's --cpus-per-task: without this every rank is bound
         # to a single core.
-        args.append(f"--cpus-per-task={profile.cpus_per_task}")
-    return [*args, *profile.srun_args]
+        args.append(f"--cpus-per-task={cpus_per_task}")
+    return args
 
 
 def python_command(profile: ClusterProfile) -> str:
@@ -384,3 +409,24 @@ def job_state(job_id: str) -> JobState:
 
 def cancel(job_id: str) -> None:
     subprocess.run(["scancel", job_id], check=True, timeout=60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Inside a job of slurm/sbatch/dtrain.sbatch: `port` prints this run's MASTER_PORT, `srun-args` the options
+    its srun needs (from the job's own SLURM_* variables)."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m dtrain_launch.slurm", description=main.__doc__)
+    parser.add_argument("fact", choices=["port", "srun-args"])
+    fact = parser.parse_args(argv).fact
+    if fact == "port":
+        print(rendezvous_port(os.environ["SLURM_JOB_ID"], restart_count(os.environ)))
+    else:
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        print(shlex.join(srun_task_args(int(cpus) if cpus else None)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

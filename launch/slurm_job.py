@@ -27,33 +27,18 @@ import signal
 import socket
 
 import submitit
-from dtrain_launch.slurm import REQUEUE_LINE, RUN_START_LINE
+from dtrain_launch.slurm import REQUEUE_LINE, RUN_START_LINE, rendezvous_port, restart_count
 from submitit.core.job_environment import SignalHandler
 
 from dtrain.hub import RANK_ENV
-
-# Below Linux's ephemeral range (32768-60999 by default), from which the kernel hands out the local ports of
-# outgoing connections: a port drawn there can be taken on the first node by the time rank 0 binds it.
-PORT_RANGE = range(20000, 32768)
-
-
-def rendezvous_port(job_id: str, restart_count: int) -> int:
-    """The same port on every task of one run, a new one after each requeue (the old run's sockets may linger)."""
-    digits = "".join(c for c in job_id if c.isdigit()) or "0"
-    return PORT_RANGE.start + (int(digits) * 101 + restart_count) % len(PORT_RANGE)
 
 
 def export_rank_environment() -> submitit.helpers.TorchDistributedEnvironment:
     """MASTER_ADDR (first node of SLURM_JOB_NODELIST), MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE."""
     job = submitit.JobEnvironment()
-    os.environ["MASTER_PORT"] = str(rendezvous_port(job.job_id, restart_count()))
+    os.environ["MASTER_PORT"] = str(rendezvous_port(job.job_id, restart_count(os.environ)))
     # CUDA_VISIBLE_DEVICES is left alone: every task sees the node's GPUs and dtrain.dist picks cuda:LOCAL_RANK.
     return submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-
-
-def restart_count() -> int:
-    """How many times Slurm requeued this job (by us or by a preemption)."""
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -79,7 +64,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if env.rank == 0:
             print(
                 f"{RUN_START_LINE} {os.environ.get('SLURM_JOB_ID')} on {socket.gethostname()}: {env.world_size} ranks, "
-                f"rendezvous {env.master_addr}:{env.master_port}; Slurm restarts {restart_count()}, "
+                f"rendezvous {env.master_addr}:{env.master_port}; Slurm restarts {restart_count(os.environ)}, "
                 f"requeues by dtrain {self.requeues} of at most {self.max_requeues}",
                 flush=True,
             )

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dtrain_launch.validate import fit_report
+from dtrain_launch.validate import cuda_problems, fit_report, ops_report
 
 from dtrain.config import ConfigError
 
@@ -57,6 +57,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg, layout = checked.cfg, checked.resume.layout
     workdir = Path.cwd()
     plan = slurm.plan_job(cfg, profile, args.nodes, workdir)
+    cuda = cuda_problems(profile.setup)
+    if cuda:
+        raise ConfigError(cuda, args.cluster)
     start = checked.resume.describe()
     fit = fit_report(cfg, layout, slurm.hardware(profile, plan.nodes)) or [
         "not checked (the profile gives no gpu_mem / node_mem)"
@@ -68,6 +71,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     )
     print(f"  start         {start}")
     print(f"  memory        {fit[0]}")
+    ops = ops_report(cfg, "cuda" if profile.gpus_per_node else "cpu")
+    print(f"  ds ops        {ops[0] if ops else 'none compiled'}")
+    for line in ops[1:]:
+        print(f"                {line}")
     if fit[0] != "fits" and fit[1:] and not args.allow_no_fit:
         raise ConfigError([f"memory: the run cannot fit: {'; '.join(fit[1:])} (--allow-no-fit to submit anyway)"])
     storage = slurm.storage_problems(cfg, profile, plan.nodes, workdir)

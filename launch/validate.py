@@ -1,6 +1,9 @@
-"""The memory fit check that `dtrain check` and `dtrain submit` add to dtrain.preflight when the hardware is known."""
+"""What `dtrain check` and `dtrain submit` add to dtrain.preflight: the memory fit when the hardware is known, the
+DeepSpeed ops the run loads and whether they are built, and a CUDA toolkit that could not build them."""
 
 from __future__ import annotations
+
+import re
 
 from dtrain.config import Config
 from dtrain.layout import BatchLayout
@@ -59,9 +62,33 @@ def tool_warnings(cfg: Config) -> list[str]:
     ]
 
 
-def ops_report(cfg: Config) -> list[str]:
-    """The compiled DeepSpeed ops a run of `cfg` loads on this machine's accelerator, and whether each is built."""
-    from dtrain.dist import select_accelerator
-    from dtrain.ops import needed_ops, op_status
+def ops_report(cfg: Config, device: str) -> list[str]:
+    """The compiled DeepSpeed ops a run of `cfg` loads on `device` ("cpu"/"cuda") ranks, each built for this machine
+    type or not, then which type this machine is. Changes nothing: `dtrain submit` must not hand its environment
+    (which sbatch exports) a login node's cache folder."""
+    from dtrain.ops import extensions_dir, needed_ops, op_status, this_machine
 
-    return [op_status(name).describe() for name in needed_ops(cfg, select_accelerator())]
+    folder = extensions_dir()
+    lines = [op_status(name, folder).describe(needed_on=device) for name in needed_ops(cfg, device)]
+    return [*lines, f"this machine type: {this_machine().describe()}; cache {folder}"] if lines else []
+
+
+# `module load cuda/12.4`, `module add cuda/11.8` (Lmod and environment modules)
+_MODULE_CUDA = re.compile(r"\bmodule\s+(?:load|add)\b.*?\bcuda/(\d+(?:\.\d+)*)")
+
+
+def cuda_problems(setup: list[str] | None = None) -> list[str]:
+    """A CUDA toolkit that cannot build ops for this torch (another CUDA major): the cluster profile's
+    `module load cuda/X` lines when given (the compute nodes' CUDA), else the nvcc of this machine."""
+    import torch
+
+    from dtrain.ops import cuda_mismatch, nvcc_release
+
+    if torch.version.cuda is None:  # a CPU build compiles no CUDA op
+        return []
+    if setup is None:
+        found = [("nvcc on this machine", nvcc_release())]
+    else:
+        found = [(f"setup: `{line.strip()}`", m.group(1)) for line in setup if (m := _MODULE_CUDA.search(line))]
+    mismatches = [(where, cuda_mismatch(toolkit, torch.version.cuda)) for where, toolkit in found if toolkit]
+    return [f"{where}: {problem}" for where, problem in mismatches if problem]

@@ -180,9 +180,10 @@ def test_optimizer_states_on_nvme_are_refused():
 def test_check_reports_each_op_a_run_loads():
     from dtrain_launch.validate import ops_report
 
-    lines = ops_report(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed"))
-    assert [line.split(":")[0] for line in lines] == ["shm_comm", "cpu_adam"]
-    assert all(line.endswith(": built") or "NOT built" in line or "cannot be built" in line for line in lines)
+    *lines, machine = ops_report(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed"), "cpu")
+    assert [line.split(":")[0] for line in lines] == ["shm_comm (cpu ranks)", "cpu_adam (cpu ranks)"]
+    assert all(line.endswith(": built for this machine type") or "NOT built" in line for line in lines), lines
+    assert machine.startswith("this machine type: ")
 
 
 def test_check_names_the_lock_file_a_killed_op_build_left(tmp_path, monkeypatch):
@@ -195,6 +196,10 @@ def test_check_names_the_lock_file_a_killed_op_build_left(tmp_path, monkeypatch)
     lock = tmp_path / _builder("cpu_adam").NAME / "lock"
     lock.parent.mkdir()
     lock.touch()
-    lines = dict(line.split(": ", 1) for line in ops_report(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed")))
-    assert lines["shm_comm"] == "NOT built: each rank would compile it at start (run `make setup`)"
-    assert f"NOT built, and {lock} exists" in lines["cpu_adam"] and "delete it" in lines["cpu_adam"]
+    report = ops_report(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed"), "cpu")
+    lines = dict(line.split(": ", 1) for line in report[:-1])
+    assert lines["shm_comm (cpu ranks)"].startswith("NOT built for this machine type: each rank would compile it")
+    assert (
+        f"NOT built, and {lock} exists" in lines["cpu_adam (cpu ranks)"]
+        and "delete it" in lines["cpu_adam (cpu ranks)"]
+    )

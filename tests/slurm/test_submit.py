@@ -468,7 +468,7 @@ def test_sbatch_script_for_the_example_h100_profile_matches_golden():
 
 
 def test_rendezvous_port_is_below_the_ephemeral_range_and_new_after_a_requeue():
-    from dtrain_launch.slurm_job import rendezvous_port
+    from dtrain_launch.slurm import rendezvous_port
 
     ports = {(job, restart): rendezvous_port(str(job), restart) for job in range(1, 3000) for restart in range(3)}
     assert all(20000 <= port < 32768 for port in ports.values())  # Linux hands out 32768-60999 itself
