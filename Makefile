@@ -13,8 +13,9 @@ setup: $(STAMP)
 
 # DeepSpeed's ops are JIT-compiled on first use (shm_comm ~60 s, cpu_adam ~85 s on 2 cores). Each target below
 # builds the ones its runs load, once, into this machine type's cache (dtrain/ops.py), so that no rank compiles:
-# the demo the ops of its config, the tests shm_comm (every CPU rank loads it), test-all also CPU Adam and NVMe
-# offload (async_io + pin_memory; they need Debian's libaio-dev, installed here if missing: CI runs as root).
+# the demo the ops of its config (none: torch AdamW, and no rank loads shm_comm), the tests shm_comm (the op
+# tests/test_ops.py builds and copies), test-all also CPU Adam and NVMe offload (async_io + pin_memory; they need
+# Debian's libaio-dev, installed here if missing: CI runs as root).
 # Built ops are found in ~1 s.
 libaio:
 	@dpkg -s libaio-dev >/dev/null 2>&1 || { command -v apt-get >/dev/null && \

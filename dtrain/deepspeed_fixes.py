@@ -1,7 +1,8 @@
 """Fixes dtrain applies to DeepSpeed, each for a defect measured at our version, in one place.
 
 Each fix is guarded (the signature it repairs, or the DeepSpeed versions measured) and leaves a fixed DeepSpeed alone.
-`apply` runs once per rank, right after `deepspeed.init_distributed` (dist.compute_init). The write-ups, ready to
+`before_init` runs once per rank right before `deepspeed.init_distributed`, `apply` right after it
+(dist.compute_init). The write-ups, ready to
 file upstream, are in docs/deepspeed-fixes.md; each has a test that fails without the fix.
 """
 
@@ -14,6 +15,25 @@ from datetime import timedelta
 
 import torch
 from packaging.version import Version
+
+
+def before_init() -> None:
+    skip_inference_shm_op()
+
+
+def skip_inference_shm_op() -> None:
+    """A CPU rank does not compile DeepSpeed's shm_comm op.
+
+    DeepSpeed 0.19's `TorchBackend.__init__` (deepspeed/comm/torch.py, `build_shm_op`) JIT-compiles it on every
+    CPU process group start (~60 s on 2 idle cores, ~3 min on a loaded one: most of a fresh machine's wait for the
+    demo's first step), but only `inference_all_reduce` (AutoTP inference layers) uses it; training's collectives
+    are torch.distributed's. Marking it incompatible is DeepSpeed's own switch for "not here"."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def apply(timeout: timedelta) -> None:

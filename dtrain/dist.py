@@ -66,6 +66,7 @@ def compute_init(timeout_minutes: int = 30) -> DistEnv:
     from dtrain import deepspeed_fixes
 
     timeout = timedelta(minutes=timeout_minutes)
+    deepspeed_fixes.before_init()
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     deepspeed_fixes.apply(timeout)
     return DistEnv(rank, local_rank, world_size, device, backend)

@@ -58,7 +58,7 @@ _SETS = ("flags", "Features")  # listed in any order
 def needed_ops(cfg: Any, accelerator: str) -> list[str]:
     """The compiled ops a run of `cfg` loads on `accelerator` ("cpu" or "cuda"), in load order."""
     ds = cfg.deepspeed
-    ops = ["shm_comm"] if accelerator == "cpu" else []
+    ops = []  # not shm_comm: only DeepSpeed's inference all-reduce loads it (dtrain.deepspeed_fixes)
     offloaded = ds.stage >= 1 and ds.offload_optimizer.device != "none"
     if OPTIMIZERS[cfg.train.optimizer].library == "deepspeed":
         # DeepSpeed's "AdamW" is DeepSpeedCPUAdam under optimizer offload, FusedAdam otherwise (engine.py,

@@ -154,7 +154,7 @@ def test_ops_a_run_needs():
     from dtrain.ops import needed_ops
 
     deepspeed_adam = make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed")
-    assert needed_ops(deepspeed_adam, "cpu") == ["shm_comm", "cpu_adam"]
+    assert needed_ops(deepspeed_adam, "cpu") == ["cpu_adam"]
     assert needed_ops(deepspeed_adam, "cuda") == ["cpu_adam"]
     assert needed_ops(make_cfg(3, "none", "none", optimizer="adamw_deepspeed"), "cuda") == ["fused_adam"]
     assert needed_ops(make_cfg(3, "cpu", "nvme"), "cuda") == ["pin_memory", "async_io"]
@@ -181,7 +181,7 @@ def test_check_reports_each_op_a_run_loads():
     from dtrain_launch.validate import ops_report
 
     *lines, machine = ops_report(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed"), "cpu")
-    assert [line.split(":")[0] for line in lines] == ["shm_comm (cpu ranks)", "cpu_adam (cpu ranks)"]
+    assert [line.split(":")[0] for line in lines] == ["cpu_adam (cpu ranks)"]
     assert all(line.endswith(": built for this machine type") or "NOT built" in line for line in lines), lines
     assert machine.startswith("this machine type: ")
 
@@ -198,7 +198,6 @@ def test_check_names_the_lock_file_a_killed_op_build_left(tmp_path, monkeypatch)
     lock.touch()
     report = ops_report(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed"), "cpu")
     lines = dict(line.split(": ", 1) for line in report[:-1])
-    assert lines["shm_comm (cpu ranks)"].startswith("NOT built for this machine type: each rank would compile it")
     assert (
         f"NOT built, and {lock} exists" in lines["cpu_adam (cpu ranks)"]
         and "delete it" in lines["cpu_adam (cpu ranks)"]
