@@ -66,12 +66,13 @@ def _not_the_kernel_warning(record: logging.LogRecord) -> bool:
 
 
 class _GuardedImport(importlib.abc.MetaPathFinder):
-    """Finds bitsandbytes as Python would, and runs its module code inside without_kernels(); once."""
+    """Finds bitsandbytes as Python would, with a loader that runs its module code inside without_kernels(). It stays
+    in place: `importlib.util.find_spec("bitsandbytes")` (how peft and accelerate probe for it) asks it too, and the
+    import may come later."""
 
     def find_spec(self, name: str, path, target=None) -> importlib.machinery.ModuleSpec | None:
         if name != "bitsandbytes":
             return None
-        sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
             spec.loader = _GuardedLoader(spec.loader)

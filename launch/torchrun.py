@@ -4,10 +4,11 @@ exit codes, running `-m dtrain.train CONFIG overrides` on every rank.
 torchrun alone turns any rank's non-zero exit into a crash of its own: a ChildFailedError traceback and exit 1.
 That hides a run stopped on SIGTERM after saving (every rank exits EXIT_PREEMPTED). And on SIGTERM torchrun itself
 raises SignalException once its 30 s shutdown timeout has sent the ranks SIGTERM and then SIGKILL, which loses
-the ranks' codes and can kill a save. Here SIGTERM is forwarded to the ranks instead, the agent waits for them as
-for any exit, and the result becomes one exit code: 0 finished, EXIT_PREEMPTED when every rank stopped resumably,
-else the failing rank's code with that rank and the end of its error named (ranks record uncaught exceptions in
-torchrun's error files, dtrain/train.py). SIGINT (Ctrl-C) stays torchrun's: stop now, no save.
+the ranks' codes and can kill a save. Here the stop signals (SIGTERM, SIGUSR2) are forwarded to the ranks instead,
+the agent waits for them as for any exit, and the result becomes one exit code: 0 finished, EXIT_PREEMPTED when
+every rank stopped resumably, else the failing rank's code with that rank and the end of its error named (ranks
+record uncaught exceptions in torchrun's error files, dtrain/train.py). SIGINT (Ctrl-C) stays torchrun's: stop
+now, no save.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 from dtrain.hub import RANK_ENV
 from dtrain.train import EXIT_PREEMPTED
 
-# torchrun's default less SIGTERM, which main() forwards to the ranks instead of tearing them down.
+# torchrun's default less SIGTERM, which main() forwards to the ranks (with SIGUSR2) instead of tearing them down.
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 ERROR_TAIL_LINES = 3  # of a failed rank's traceback: the failing line and the exception
 
@@ -53,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     # outcome() says what happened instead.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_the_failed_line)
     args = torchrun.parse_args([f"--signals-to-handle={TORCHRUN_SIGNALS}", *(sys.argv[1:] if argv is None else argv)])
-    signal.signal(signal.SIGTERM, _forward_to_ranks)
+    from dtrain.preemption import STOP_SIGNALS
+
+    for stop in STOP_SIGNALS:  # SIGUSR2 too: torchrun would die of it (its default action)
+        signal.signal(stop, _forward_to_ranks)
     try:
         torchrun.run(args)
     except ChildFailedError as e:

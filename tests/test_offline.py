@@ -21,6 +21,8 @@ def connect(self, address):
     return real_connect(self, address)
 socket.socket.connect = connect
 import dtrain  # as every dtrain process does first: ranks, and the launcher through dtrain.config
+import importlib.util
+assert importlib.util.find_spec("bitsandbytes")  # how peft and accelerate probe for it, before importing it
 import peft, bitsandbytes  # peft imports bitsandbytes whenever it is installed
 print("imported bitsandbytes", bitsandbytes.__version__)
 """
