@@ -73,12 +73,16 @@ def _not_the_failed_line(record: logging.LogRecord) -> bool:
 
 
 def _forward_to_ranks(signum: int, frame) -> None:
-    """The ranks are this process's children (torchrun starts each in a session of its own)."""
+    """The ranks are this process's children (torchrun starts each in a session of its own). Before any has
+    started there is nothing to save: the launch stops, as it would have without the forwarding."""
     import psutil
 
-    for child in psutil.Process().children():
+    ranks = psutil.Process().children()
+    if not ranks:
+        raise SystemExit(128 + signum)
+    for rank in ranks:
         try:
-            child.send_signal(signum)
+            rank.send_signal(signum)
         except psutil.NoSuchProcess:
             pass
 
