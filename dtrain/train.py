@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # the checkpoint folder changed between the launcher's check and this rank's
         print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
         return 2
+    if result.preempted:
+        from dtrain.preemption import ignore_further_stops
+
+        ignore_further_stops()
     if env.is_main:
         outcome = "stopped (checkpoint saved, resumable)" if result.preempted else "finished"
         print(OUTCOME_LINE.format(outcome=outcome, step=result.progress.step, total=trainer.total_steps), flush=True)
