@@ -80,6 +80,15 @@ class StopFlag:
         self.stop_requested()
 
 
+def ignore_further_stops() -> None:
+    """Once a stop is agreed and saved, a later stop signal has nothing left to act on; ignore it. The StopFlag's
+    handler would do that too, but Python resets handlers it installed to the default (die) while the interpreter
+    shuts down, and torchrun sends SIGTERM to the ranks still running as soon as one exits EXIT_PREEMPTED: a rank
+    that saved and was exiting died of it (SIG_IGN is kept through the shutdown)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def stopped_by() -> signal.Signals | None:
     """The stop signal all ranks agreed on in this process's last training run, or None if it was not stopped."""
     return _stopped_by

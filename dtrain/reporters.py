@@ -4,8 +4,11 @@
 - wandb: a run whose id is derived from the output folder, so a resumed or requeued job continues the same run;
   the mode (online / offline) and project come from wandb's own environment (WANDB_MODE, WANDB_PROJECT; project
   default "dtrain"); files under <output_dir>/wandb.
-- mlflow: MLFLOW_TRACKING_URI when set (a team server), else a local file store in <output_dir>/mlruns; the run id
-  is kept in <output_dir>/mlflow_run_id so a resumed job continues the same run.
+- mlflow: MLFLOW_TRACKING_URI when set (a team server), else the database backend MLflow 3 recommends for a local
+  run, an SQLite file in the run folder (`sqlite:///<output_dir>/mlflow.db`: any MLflow client or
+  `mlflow ui --backend-store-uri` reads it with that URI alone; MLflow 3 reads its older file store only with an
+  opt-in variable set). The run id is kept in <output_dir>/mlflow_run_id, so a resumed or requeued job continues
+  the same run.
 wandb and mlflow are optional extras (`pip install 'dtrain[wandb]'`); `missing_packages` is what `check` reports.
 """
 
@@ -19,7 +22,10 @@ from pathlib import Path
 from typing import Protocol
 
 REPORTERS = ("tensorboard", "wandb", "mlflow")
-EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # reporter -> the pip extra (and import name) it needs
+EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # reporter -> the pip extra it needs
+# What each extra installs, by import name: mlflow-skinny is the client; its SQLite store needs SQLAlchemy and alembic,
+# which only the full `mlflow` package (its server, UI and their stack) would bring otherwise.
+EXTRA_MODULES = {"wandb": ["wandb"], "mlflow": ["mlflow", "sqlalchemy", "alembic"]}
 
 
 class Reporter(Protocol):
@@ -33,16 +39,13 @@ def missing_packages(report_to: list[str]) -> list[str]:
     return [
         f"logging.report_to: {name} needs its package: pip install 'dtrain[{EXTRAS[name]}]'"
         for name in report_to
-        if name in EXTRAS and importlib.util.find_spec(EXTRAS[name]) is None
+        if name in EXTRAS and any(importlib.util.find_spec(module) is None for module in EXTRA_MODULES[EXTRAS[name]])
     ]
 
 
-def mlflow_file_store(output_dir: Path) -> str:
-    """The run's local MLflow store, <output_dir>/mlruns, for the writer and any reader."""
-    # MLflow 3 keeps the file store but asks for this opt-in; a local folder is what a run without a tracking
-    # server needs.
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return (Path(output_dir).resolve() / "mlruns").as_uri()
+def mlflow_tracking_uri(output_dir: Path) -> str:
+    """Where the run's MLflow history is: MLFLOW_TRACKING_URI, else the SQLite file in the run folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
 def open_reporters(cfg, report_to: list[str], start_step: int) -> list[Reporter]:
@@ -91,16 +94,21 @@ class MlflowReporter:
         from mlflow.tracking import MlflowClient
 
         output = Path(cfg.output_dir).resolve()
-        self.client = MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or mlflow_file_store(output))
+        uri = mlflow_tracking_uri(output)
+        self.client = MlflowClient(tracking_uri=uri)
         id_file = output / "mlflow_run_id"
         if id_file.is_file():
             self.run_id = id_file.read_text().strip()
         else:
             experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "dtrain")
             found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+            # A local run keeps anything MLflow writes beside its database, not in the working directory.
+            artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (output / "mlartifacts").as_uri()
+            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, artifacts)
             self.run_id = self.client.create_run(experiment_id, run_name=output.name).info.run_id
             id_file.write_text(self.run_id)
+        where = uri if os.environ.get("MLFLOW_TRACKING_URI") else f"{uri} (mlflow ui --backend-store-uri {uri})"
+        print(f"mlflow: run {self.run_id} in {where}", flush=True)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

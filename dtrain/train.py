@@ -1,7 +1,8 @@
 """Entry point of every rank:  torchrun --nproc_per_node N -m dtrain.train CONFIG.yaml [key.sub=value ...]
 
-`dtrain train` builds exactly this command; Slurm jobs run it too. Exit code 0: finished; EXIT_PREEMPTED: stopped
-early on a preemption/time-limit signal after saving a checkpoint (the launcher requeues); anything else: failed.
+`dtrain train` runs this command through torchrun's own launcher; Slurm jobs run it too. Exit code 0: finished;
+EXIT_PREEMPTED: stopped early on a preemption/time-limit signal after saving a checkpoint (the launcher requeues;
+`dtrain train` exits with it too); anything else: failed.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # the checkpoint folder changed between the launcher's check and this rank's
         print(f"dtrain: rank {env.rank}: {e}", file=sys.stderr, flush=True)
         return 2
+    if result.preempted:
+        from dtrain.preemption import ignore_further_stops
+
+        ignore_further_stops()
     if env.is_main:
         outcome = "stopped (checkpoint saved, resumable)" if result.preempted else "finished"
         print(OUTCOME_LINE.format(outcome=outcome, step=result.progress.step, total=trainer.total_steps), flush=True)
@@ -67,4 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under torchrun, an uncaught exception's traceback also goes to the error file torchrun reads, from which
+    # `dtrain train` names the failing rank and its error (launch/torchrun.py).
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(main)())

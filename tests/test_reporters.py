@@ -1,6 +1,8 @@
 """logging.report_to: the scalars rank 0 logs are read back with TensorBoard's, W&B's and MLflow's own readers.
 
-Cost: ~6-10 s (wandb's service start and mlflow's import dominate), no training.
+MLflow's history is read by a fresh client in a process of its own, given only the tracking URI the README documents
+(what `mlflow ui --backend-store-uri` takes), after a resume (a second logger on the same run folder). Cost: ~10-20 s
+(wandb's service start and mlflow's imports dominate), no training.
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ from pathlib import Path
 import pytest
 
 from dtrain.config import Config, LoggingConfig
-from dtrain.metrics import MetricsLogger
-from dtrain.reporters import missing_packages, mlflow_file_store
+from dtrain.metrics import MetricsLogger, read_metrics
+from dtrain.reporters import missing_packages
+from tests.helpers import REPO
 
 STEPS = {1: 2.5, 2: 2.0, 3: 1.75}
+RESUMED = {4: 1.5, 5: 1.25}  # logged by a second MetricsLogger, as a resumed or requeued run does
+MLFLOW_READER = """
+import sys
+from mlflow.tracking import MlflowClient
+uri, run_id, key = sys.argv[1:]
+for metric in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key):
+    print(metric.step, repr(metric.value))
+"""
 
 
 @pytest.fixture
@@ -45,6 +56,18 @@ def test_scalars_read_back_with_each_librarys_reader(tmp_path, offline_env):
     assert mlflow_scalars(run, "train/loss") == STEPS
 
 
+def test_mlflow_keeps_one_run_in_the_run_folders_database(tmp_path, offline_env):
+    pytest.importorskip("mlflow")
+    cfg = Config(output_dir=str(tmp_path / "run"), logging=LoggingConfig(progress_bar=False, report_to=["mlflow"]))
+    for start, steps in ((0, STEPS), (max(STEPS), RESUMED)):
+        log = MetricsLogger(cfg, is_main=True, start_step=start, total_steps=max(RESUMED))
+        for step, loss in steps.items():
+            log.log(step, {"loss": loss, "lr": 1e-3})
+        log.close()
+    run = Path(cfg.output_dir)
+    assert mlflow_scalars(run, "train/loss") == read_metrics(run) == {**STEPS, **RESUMED}
+
+
 def test_a_missing_reporter_package_names_the_extra(monkeypatch):
     import importlib.util
 
@@ -64,10 +87,18 @@ def tensorboard_scalars(folder: Path, key: str) -> dict[int, float]:
 
 
 def mlflow_scalars(run: Path, key: str) -> dict[int, float]:
-    from mlflow.tracking import MlflowClient
+    """The history as a fresh MLflow client reads it, in a process with no MLFLOW_* variable, from the documented
+    local store of the run: sqlite:///<output_dir>/mlflow.db."""
+    import os
+    import subprocess
+    import sys
 
-    client = MlflowClient(tracking_uri=mlflow_file_store(run))
-    return {m.step: m.value for m in client.get_metric_history((run / "mlflow_run_id").read_text(), key)}
+    uri = f"sqlite:///{run.resolve() / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    args = [sys.executable, "-c", MLFLOW_READER, uri, (run / "mlflow_run_id").read_text(), key]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {int(step): float(value) for step, value in (line.split() for line in proc.stdout.splitlines())}
 
 
 def wandb_scalars(folder: Path, key: str) -> dict[int, float]:

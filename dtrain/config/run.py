@@ -61,7 +61,7 @@ class LoggingConfig:
     """Scalars (loss, lr, grad norm, tokens/s, step time) are logged every this many steps."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Where scalars go besides metrics.jsonl: tensorboard (<output_dir>/tensorboard), wandb (mode and project from
-    WANDB_MODE / WANDB_PROJECT), mlflow (MLFLOW_TRACKING_URI, else a file store in <output_dir>/mlruns). wandb and
+    WANDB_MODE / WANDB_PROJECT), mlflow (MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db). wandb and
     mlflow are extras: pip install 'dtrain[wandb]' / 'dtrain[mlflow]'."""
     progress_bar: bool = True
     """tqdm bar on rank 0."""
