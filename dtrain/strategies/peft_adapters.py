@@ -180,11 +180,22 @@ def report_trainable(model: torch.nn.Module, cfg: Config, env: DistEnv) -> Param
     if env.is_main:
         targets = cfg.lora.target_modules
         where = targets if isinstance(targets, str) else ",".join(targets)
-        print(f"{cfg.strategy} r={cfg.lora.r} alpha={cfg.lora.alpha} on {where}: {report.line()}", flush=True)
+        print(f"{cfg.strategy} r={cfg.lora.r} alpha={cfg.lora.alpha}{variant_words(cfg.lora)} on {where}: "
+              f"{report.line()}", flush=True)  # fmt: skip
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def variant_words(lora: LoraConfig) -> str:
+    """What differs from plain LoRA, as printed after alpha (" rslora dora init=pissa loraplus=16"), or ""."""
+    words = [word for word, on in (("rslora", lora.use_rslora), ("dora", lora.use_dora)) if on]
+    if lora.init_lora_weights is not True:
+        words.append(f"init={str(lora.init_lora_weights).lower()}")
+    if lora.loraplus_lr_ratio is not None:
+        words.append(f"loraplus={lora.loraplus_lr_ratio:g}")
+    return "".join(f" {word}" for word in words)
 
 
 def planned_report(cfg: Config) -> ParameterReport:
