@@ -77,8 +77,9 @@ class LoraConfig:
     """Rank-stabilized LoRA: the update is scaled by alpha / sqrt(r) instead of alpha / r (higher ranks keep
     learning)."""
     use_dora: bool = False
-    """DoRA: a trained magnitude per output feature of each adapted module on top of the LoRA direction (more
-    trainable parameters, slower steps). Not with qlora at these versions: see dtrain.strategies.qlora."""
+    """DoRA: a trained magnitude per output feature of each adapted Linear on top of the LoRA direction (more
+    trainable parameters, slower steps). On a 4-bit base (qlora) the adapter needs bitsandbytes' CPU repacking off
+    at inference on AVX512-BF16 CPUs (docs/bnb-cpu-repack-dora.md); the merged export does not."""
     init_lora_weights: bool | str = True
     """Adapter initialization, peft's values: true (B = 0, a no-op at step 0), false (A and B random), gaussian,
     orthogonal (r even), nora, pissa / pissa_niter_N (SVD of the base weight) or olora (QR of it). pissa and olora
