@@ -2,8 +2,9 @@
 
 Loading the whole base to merge (peft's `merge_and_unload`) holds it in fp32: ~280 GB for a 70B model, and a QLoRA
 base loaded through bitsandbytes lands on `cuda:0` on a GPU machine. Here the base's safetensors files are read
-tensor by tensor (memory-mapped); an adapted weight W becomes W + (alpha / r) * B @ A computed in fp32, then cast
-to the output dtype (default: the base's own dtype); the output is written shard by shard, so the most held at once
+tensor by tensor (memory-mapped); an adapted weight W becomes W + s * B @ A computed in fp32 (s: alpha / r, or
+alpha / sqrt(r) with rsLoRA; DoRA then rescales each output row to its trained magnitude, as peft's merge does), then
+cast to the output dtype (default: the base's own dtype); the output is written shard by shard, so the most held at once
 is one output shard plus one fp32 weight. qlora merges onto dequantize(quantize_nf4(W)): the weights the adapter was
 trained against (the original W differs from them by the quantization error).
 """
@@ -20,6 +21,7 @@ import torch
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
+DORA_MAGNITUDE = f".lora_magnitude_vector.{ADAPTER_NAME}.weight"
 
 
 def base_tensor_files(model_path: str | Path) -> dict[str, Path]:
@@ -43,22 +45,25 @@ class Merger:
 
     def __init__(self, model_path: str | Path, adapter: dict[str, torch.Tensor], scale: float, dtype: torch.dtype,
                  nf4: dict[str, Any] | None = None):  # fmt: skip
-        """`adapter`: engine-named adapter tensors (peft names); `scale`: alpha / r; `nf4`: for qlora, the
-        quantization (quant_type, blocksize, compress_statistics) the base was trained under."""
+        """`adapter`: engine-named adapter tensors (peft names); `scale`: peft's scaling (lora.scale); `nf4`: for
+        qlora, the quantization (quant_type, blocksize, compress_statistics) the base was trained under."""
         self.files = base_tensor_files(model_path)
         self.dtype, self.scale, self.nf4 = dtype, scale, nf4
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.replaced: dict[str, torch.Tensor] = {}
+        self.magnitude: dict[str, torch.Tensor] = {}  # DoRA
         for name, tensor in adapter.items():
             plain = name.removeprefix(PEFT_PREFIX)
-            if f".lora_A.{ADAPTER_NAME}." in plain:
+            if plain.endswith(DORA_MAGNITUDE):
+                self.magnitude[plain.removesuffix(DORA_MAGNITUDE) + ".weight"] = tensor
+            elif f".lora_A.{ADAPTER_NAME}." in plain:
                 target = plain.replace(f".lora_A.{ADAPTER_NAME}.", ".")
                 self.lora[target] = (tensor, adapter[name.replace(".lora_A.", ".lora_B.")])
             elif f".modules_to_save.{ADAPTER_NAME}." in plain:
                 self.replaced[plain.replace(f".modules_to_save.{ADAPTER_NAME}.", ".")] = tensor
             elif ".lora_B." not in plain:  # a trained bias (lora.bias all / lora_only)
                 self.replaced[plain] = tensor
-        unknown = sorted((self.lora.keys() | self.replaced.keys()) - self.files.keys())
+        unknown = sorted((self.lora.keys() | self.replaced.keys() | self.magnitude.keys()) - self.files.keys())
         if unknown:
             raise KeyError(f"adapter tensors with no base tensor to merge into: {unknown[:5]}")
         self._stack = ExitStack()
@@ -88,6 +93,8 @@ class Merger:
         if name in self.lora:
             lora_a, lora_b = self.lora[name]
             weight += self.scale * (lora_b.float() @ lora_a.float())
+        if name in self.magnitude:  # peft's DoRA merge: magnitude / ||W + s B A|| per output row, times W + s B A
+            weight *= (self.magnitude[name].float() / torch.linalg.norm(weight, dim=1)).view(-1, 1)
         return weight.to(self.dtype)
 
     def _trained_against(self, name: str, weight: torch.Tensor) -> torch.Tensor:

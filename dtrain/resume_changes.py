@@ -21,8 +21,8 @@ SAFE = (
     "output_dir", "train.max_steps", "train.epochs", "eval", "logging", "checkpoint", "data.cache_dir",
     "deepspeed.timeout_minutes", "deepspeed.offload_optimizer.pin_memory", "deepspeed.offload_param.pin_memory",
 )  # fmt: skip
-SHAPE = ("strategy", "lora.r", "lora.target_modules", "lora.modules_to_save", "lora.bias", "quantization",
-         "train.optimizer")  # fmt: skip
+SHAPE = ("strategy", "lora.r", "lora.target_modules", "lora.modules_to_save", "lora.bias", "lora.use_dora",
+         "quantization", "train.optimizer")  # fmt: skip
 STRATEGY_SECTIONS = ("lora", "quantization")
 """Sections that only some strategies read: compared only when the strategy being resumed reads them."""
 # Keys holding paths: compared by the fingerprint of what they point to (see dtrain.fingerprint), not by their text.

@@ -23,7 +23,7 @@ from dtrain.ds_config import build_deepspeed_config
 from dtrain.evaluation import eval_batches, token_mean_loss
 from dtrain.loss import install_chunked_loss
 from dtrain.metrics import MetricsLogger
-from dtrain.optim import build_optimizer
+from dtrain.optim import build_optimizer, deepspeed_parameters
 from dtrain.order import DataOrder, rank_micro_batches
 from dtrain.preemption import StopFlag
 from dtrain.reshard import ensure_universal, unshare_step_counters
@@ -77,11 +77,12 @@ class Trainer:
         built = strategy.build(cfg, env, ds_config)
         self.startup.mark("model load")
         self._keepalive = built.keepalive
-        optimizer = build_optimizer(cfg.train, built.module)
+        loraplus = cfg.lora.loraplus_lr_ratio if "lora" in strategy.sections else None
+        optimizer = build_optimizer(cfg.train, built.module, loraplus)
         self.engine, *_ = deepspeed.initialize(
             model=built.module,
             optimizer=optimizer,
-            model_parameters=None if optimizer else [p for p in built.module.parameters() if p.requires_grad],
+            model_parameters=None if optimizer else deepspeed_parameters(cfg.train, built.module, loraplus),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.train, self.total_steps)),
             config=ds_config,
         )

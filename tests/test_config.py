@@ -125,12 +125,37 @@ def test_readme_config_reference_is_current():
     [
         ("lora.target_modules=[q_proj, nope_proj]", "lora.target_modules[1]"),
         ("lora.r=0", "lora.r: must be > 0"),
+        ("lora.init_lora_weights=eva", "lora.init_lora_weights: 'eva' is not supported by dtrain: it needs a pass"),
+        ("lora.init_lora_weights=loftq", "'loftq' is not supported by dtrain: it replaces the base"),
+        ("lora.init_lora_weights=mica", "'mica' is not supported by dtrain: it freezes B"),
+        ("lora.init_lora_weights=pisa", "lora.init_lora_weights: must be one of true, false, gaussian"),
+        ("lora.loraplus_lr_ratio=0", "lora.loraplus_lr_ratio: must be > 0"),
     ],
 )
 def test_lora_combinations_that_cannot_work_fail_check(tmp_path, tiny_model, override, message):
     config = write_config(tmp_path / "cfg.yaml", tiny_model, base="configs/tiny-lora.yaml")
     result = dtrain("check", str(config), override)
     assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize(
+    "base,overrides,message",
+    [
+        ("tiny-qlora", ["lora.init_lora_weights=pissa_niter_4"], "pissa_niter_4 decomposes the full-precision base"),
+        ("tiny-qlora", ["lora.init_lora_weights=olora"], "olora decomposes the full-precision base weight, which qlora"),
+        ("tiny-lora", ["lora.init_lora_weights=pissa", "lora.use_dora=true"], "pissa with lora.use_dora is refused"),
+        ("tiny-lora", ["lora.init_lora_weights=orthogonal", "lora.r=7"], "orthogonal needs an even lora.r, got 7"),
+    ],
+)
+def test_peft_variants_that_cannot_work_with_the_strategy_fail_before_launch(tmp_path, tiny_model, base, overrides,
+                                                                             message):  # fmt: skip
+    """peft itself would fail later (PiSSA on a 4-bit weight: TypeError in get_peft_model on every rank) or the
+    export could not be what it claims; `dtrain check` and `dtrain train` say why before any process starts."""
+    config = write_config(tmp_path / "cfg.yaml", tiny_model, base=f"configs/{base}.yaml")
+    for command in ("check", "train"):
+        result = dtrain(command, str(config), *overrides)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, command
+    assert not (tmp_path / "run").exists()
 
 
 def test_qlora_across_nodes_fails_check(tmp_path, tiny_model):

@@ -106,6 +106,9 @@ LORA_CASES = {
     ),
     "bias-all": ("llama", dict(attention_bias=True), LoraConfig(r=8, target_modules=["q_proj"], bias="all")),
     "bias-lora-only-qwen2": ("qwen2", {}, LoraConfig(r=8, target_modules=["k_proj", "up_proj"], bias="lora_only")),
+    "dora-all-linear-r4": ("llama", {}, LoraConfig(r=4, target_modules="all-linear", use_dora=True)),
+    "dora-rslora-lm-head": ("llama", {}, LoraConfig(r=8, target_modules=["q_proj", "lm_head"], use_dora=True,
+                                                    use_rslora=True)),
 }  # fmt: skip
 
 

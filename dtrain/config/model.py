@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -72,6 +73,22 @@ class LoraConfig:
     """Which biases are trained alongside the adapters."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: the update is scaled by alpha / sqrt(r) instead of alpha / r (higher ranks keep
+    learning)."""
+    use_dora: bool = False
+    """DoRA: a trained magnitude per output feature of each adapted Linear on top of the LoRA direction (more
+    trainable parameters, slower steps). On a 4-bit base (qlora) the adapter needs bitsandbytes' CPU repacking off
+    at inference on AVX512-BF16 CPUs (docs/bnb-cpu-repack-dora.md); the merged export does not."""
+    init_lora_weights: bool | str = True
+    """Adapter initialization, peft's values: true (B = 0, a no-op at step 0), false (A and B random), gaussian,
+    orthogonal (r even), nora, pissa / pissa_niter_N (SVD of the base weight) or olora (QR of it). pissa and olora
+    move the principal part of each adapted base weight into the adapter (lora only): exports are converted back to
+    a LoRA of the original base (rank 2r). The data- or quantization-driven inits (eva, corda, astra, lora_ga,
+    loftq) and mica are refused with the reason."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the B matrices (and the other trained 1-D tensors, peft's grouping) learn at train.lr x this ratio;
+    null: one learning rate. The LoRA+ paper uses 16 with a somewhat lower train.lr."""
 
     def problems(self) -> list[str]:
         """Checked only when the strategy trains adapters."""
@@ -86,7 +103,55 @@ class LoraConfig:
             problems.append(f"lora.target_modules: a list of module names or 'all-linear', got {self.target_modules!r}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             problems.append("lora.target_modules: must not be empty")
-        return problems
+        if self.use_dora and isinstance(self.target_modules, list) and "embed_tokens" in self.target_modules:
+            problems.append("lora.use_dora: DoRA adapts Linear layers here; drop embed_tokens from lora.target_modules")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            problems.append(f"lora.loraplus_lr_ratio: must be > 0 (or null: off), got {self.loraplus_lr_ratio}")
+        return problems + self._init_problems()
+
+    def _init_problems(self) -> list[str]:
+        init = self.init_lora_weights
+        if isinstance(init, str) and init in REFUSED_INITS:
+            return [f"lora.init_lora_weights: {init!r} is not supported by dtrain: {REFUSED_INITS[init]}"]
+        if isinstance(init, str) and init not in PLAIN_INITS and not mutates_base(init):
+            choices = ", ".join(["true", "false", *PLAIN_INITS, *BASE_MUTATING_INITS, "pissa_niter_N"])
+            return [f"lora.init_lora_weights: must be one of {choices}, got {init!r}"]
+        if init == "orthogonal" and self.r % 2:
+            return [f"lora.init_lora_weights: orthogonal needs an even lora.r, got {self.r}"]
+        if mutates_base(init) and self.use_dora:
+            return [
+                f"lora.init_lora_weights: {init} with lora.use_dora is refused: the export converts a {init} adapter "
+                "to a plain LoRA of the original base, which cannot carry DoRA's magnitude (weight-norm dependent)"
+            ]
+        return []
+
+    @property
+    def scale(self) -> float:
+        """What the adapter's B @ A is multiplied by (peft's `scaling`)."""
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+# peft 0.22's init_lora_weights strings that leave the base weights alone and need nothing but the weights.
+PLAIN_INITS = ("gaussian", "orthogonal", "nora")
+# These subtract the adapter's initial product from the base weights: the model trains on W_res = W - s B0 A0.
+BASE_MUTATING_INITS = ("pissa", "olora")
+REFUSED_INITS = {
+    "eva": "it needs a pass over training data before the adapters exist (peft's initialize_lora_eva_weights)",
+    "corda": "it needs a calibration pass over data before the adapters exist (peft's preprocess_corda)",
+    "astra": "it needs a calibration pass over data before the adapters exist (peft's preprocess_astra)",
+    "lora_ga": "it needs gradient estimates over data before the adapters exist (peft's LoRA-GA preprocessing)",
+    "loftq": "it replaces the base with its own quantized residual, which dtrain does not save; use qlora, or "
+    "pissa with lora",
+    "mica": "it freezes B, which dtrain's adapter checkpoints and exports do not keep (they hold trained tensors)",
+}
+
+
+def mutates_base(init: bool | str) -> bool:
+    """pissa, pissa_niter_N (N >= 0) and olora: the init changes the frozen base (see BASE_MUTATING_INITS)."""
+    if not isinstance(init, str):
+        return False
+    niter = init.removeprefix("pissa_niter_")
+    return init in BASE_MUTATING_INITS or (niter != init and niter.isdigit())
 
 
 @dataclass

@@ -150,6 +150,8 @@ def lora_trainable_params(shape: ModelShape, lora: LoraConfig) -> int:
     """Exactly what peft's `get_nb_trainable_parameters()[0]` reports for this LoraConfig."""
     targets = lora_targets(shape, lora.target_modules)
     adapters = sum(lora_linear_params(i, o, lora.r) * n for i, o, n in targets.values())
+    if lora.use_dora:  # one trained magnitude per output feature of each adapted Linear
+        adapters += sum(o * n for _, o, n in targets.values())
     return adapters + trained_bias_params(shape, lora, targets) + _modules_to_save_params(shape, lora.modules_to_save)
 
 

@@ -56,6 +56,7 @@ class Lora:
         model, keepalive = load_pretrained(cfg, ds_config, env.device)
         model = peft_adapters.add_adapters(model, cfg)
         peft_adapters.report_trainable(model, cfg, env)
+        peft_adapters.keep_initial_adapter(model, cfg, env)
         return BuiltModel(model, keepalive)
 
     def export(self, kind: str, checkpoint: Path, cfg: Config, out: Path, options: ExportOptions) -> ExportResult:

@@ -12,14 +12,17 @@ target: dtrain.strategies.targets.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dtrain.config.model import mutates_base
 from dtrain.export import (
     ExportError,
     ExportResult,
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
 
 REPORT_FILE = "trainable_parameters.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# pissa / olora: the adapter as initialized (A0, B0), beside the checkpoints it belongs to (see keep_initial_adapter).
+INITIAL_ADAPTER = "initial_adapter.safetensors"
 
 
 def peft_config(lora: LoraConfig, base_model_path: str | None = None) -> Any:
@@ -52,6 +57,9 @@ def peft_config(lora: LoraConfig, base_model_path: str | None = None) -> Any:
         target_modules=lora.target_modules,
         bias=lora.bias,
         modules_to_save=list(lora.modules_to_save) or None,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights=lora.init_lora_weights,
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_path,
     )
@@ -68,6 +76,65 @@ def add_adapters(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     if cfg.model.gradient_checkpointing:
         peft_model.config.use_cache = False
     return peft_model
+
+
+def keep_initial_adapter(model: torch.nn.Module, cfg: Config, env: DistEnv) -> None:
+    """pissa / olora train on W_res = W - s B0 A0, not on model.path's W. Rank 0 keeps A0, B0 in
+    <checkpoint_dir>/initial_adapter.safetensors, so an export can hand a user a plain LoRA of their original base
+    (peft's path_initial_model_for_weight_conversion). Training, resume and dtrain eval rebuild W_res from model.path
+    with the same seeded init and need no file. Written on every start: the init is deterministic."""
+    from safetensors.torch import save_file
+
+    if not mutates_base(cfg.lora.init_lora_weights) or not env.is_main:
+        return
+    initial = {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if _is_lora_matrix(n)}
+    folder = cfg.checkpoint_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(initial, str(folder / f".{INITIAL_ADAPTER}.tmp"))
+    os.replace(folder / f".{INITIAL_ADAPTER}.tmp", folder / INITIAL_ADAPTER)
+
+
+def _is_lora_matrix(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def as_lora_of_original_base(tensors: dict[str, torch.Tensor], cfg: Config, checkpoint: Path) -> dict:
+    """pissa / olora adapter (A, B) trained on W_res -> the rank-2r LoRA [A; A0], [B, -B0] of the original W:
+    W + s (B A - B0 A0) = W_res + s B A (peft's subtract_mutated_init). Other trained tensors pass unchanged."""
+    from safetensors.torch import load_file
+
+    path = checkpoint.parent / INITIAL_ADAPTER
+    if not path.is_file():
+        raise ExportError(
+            f"{path}: missing; lora.init_lora_weights {cfg.lora.init_lora_weights} changed the base at step 0 and "
+            "this file (written beside the checkpoints at the start of training) holds that change"
+        )
+    initial = load_file(str(path))
+    converted = dict(tensors)
+    for name, tensor in tensors.items():
+        if ".lora_A." in name:
+            converted[name] = torch.cat([tensor, initial[name].to(tensor.dtype)], dim=0)
+        elif ".lora_B." in name:
+            converted[name] = torch.cat([tensor, -initial[name].to(tensor.dtype)], dim=1)
+    return converted
+
+
+def exported_peft_config(cfg: Config) -> Any:
+    """The adapter_config.json of an export: pissa / olora exports are rank 2r, alpha scaled to keep lora.scale."""
+    config = peft_config(cfg.lora, cfg.model.path)
+    if mutates_base(cfg.lora.init_lora_weights):
+        config.init_lora_weights = True  # loading must not run the SVD/QR on the user's base again
+        config.r *= 2
+        config.lora_alpha *= 2**0.5 if cfg.lora.use_rslora else 2
+    return config
+
+
+def exported_tensors(cfg: Config, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The adapter an export writes or merges: of model.path's own weights, whatever the init."""
+    tensors = adapter_tensors(cfg, checkpoint)
+    if mutates_base(cfg.lora.init_lora_weights):
+        return as_lora_of_original_base(tensors, cfg, checkpoint)
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,11 +180,22 @@ def report_trainable(model: torch.nn.Module, cfg: Config, env: DistEnv) -> Param
     if env.is_main:
         targets = cfg.lora.target_modules
         where = targets if isinstance(targets, str) else ",".join(targets)
-        print(f"{cfg.strategy} r={cfg.lora.r} alpha={cfg.lora.alpha} on {where}: {report.line()}", flush=True)
+        print(f"{cfg.strategy} r={cfg.lora.r} alpha={cfg.lora.alpha}{variant_words(cfg.lora)} on {where}: "
+              f"{report.line()}", flush=True)  # fmt: skip
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def variant_words(lora: LoraConfig) -> str:
+    """What differs from plain LoRA, as printed after alpha (" rslora dora init=pissa loraplus=16"), or ""."""
+    words = [word for word, on in (("rslora", lora.use_rslora), ("dora", lora.use_dora)) if on]
+    if lora.init_lora_weights is not True:
+        words.append(f"init={str(lora.init_lora_weights).lower()}")
+    if lora.loraplus_lr_ratio is not None:
+        words.append(f"loraplus={lora.loraplus_lr_ratio:g}")
+    return "".join(f" {word}" for word in words)
 
 
 def planned_report(cfg: Config) -> ParameterReport:
@@ -130,7 +208,8 @@ def meta_peft_model(cfg: Config) -> torch.nn.Module:
     from peft import get_peft_model
 
     base = meta_model(cfg.model.local_dir(), cfg.model.trust_remote_code)
-    return get_peft_model(base, peft_config(cfg.lora, cfg.model.path))
+    # Same tensors whatever the init; pissa / olora would decompose meta weights for nothing.
+    return get_peft_model(base, peft_config(dataclasses.replace(cfg.lora, init_lora_weights=True), cfg.model.path))
 
 
 def expected_adapter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -174,11 +253,11 @@ def export_adapter(checkpoint: Path, cfg: Config, out: Path) -> ExportResult:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    tensors = adapter_tensors(cfg, checkpoint)
+    tensors = exported_tensors(cfg, checkpoint)
     # PEFT's file names drop the adapter name ("lora_A.default.weight" -> "lora_A.weight").
     peft_names = get_peft_model_state_dict(meta_peft_model(cfg), state_dict=tensors)
     # The base as the user named it (a repo id, or their path), never this machine's resolved folder.
-    peft_config(cfg.lora, cfg.model.path).save_pretrained(str(out))
+    exported_peft_config(cfg).save_pretrained(str(out))
     copy_tokenizer(cfg, out)  # with the chat template the data was built with
     save_file({k: v.contiguous() for k, v in peft_names.items()}, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return ExportResult(out, ["adapter_config.json", ADAPTER_WEIGHTS], len(peft_names), peak_rss_mb())
@@ -194,7 +273,7 @@ def export_merged(
     from dtrain.merge import Merger, merge_to
 
     dtype = export_dtype(options.dtype, cfg.model.local_dir())
-    merger = Merger(cfg.model.local_dir(), adapter_tensors(cfg, checkpoint), cfg.lora.alpha / cfg.lora.r, dtype, nf4)
+    merger = Merger(cfg.model.local_dir(), exported_tensors(cfg, checkpoint), cfg.lora.scale, dtype, nf4)
     files = merge_to(merger, out, options.max_shard_bytes, write_sharded)
     copy_model_files(cfg, out, dtype)
     return ExportResult(out, files, len(merger.names), peak_rss_mb())

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtrain.config.model import mutates_base
 from dtrain.plan.shape import DECODER_LINEARS, ModelShape, ParamCounts, PlanTerms, lora_targets, nf4_tensor_bytes
 from dtrain.strategies import lora
 from dtrain.strategies.protocol import BuiltModel, ExportOptions
@@ -30,6 +31,14 @@ class QLora:
     sections = ("lora", "quantization")
 
     def config_problems(self, cfg: Config) -> list[str]:
+        init = cfg.lora.init_lora_weights
+        if mutates_base(init):
+            return [
+                *cfg.lora.problems(),
+                f"lora.init_lora_weights: {init} decomposes the full-precision base weight, which qlora never holds "
+                "(peft refuses a 4-bit weight; QPiSSA would need the residual re-quantized and saved): use strategy "
+                "lora",
+            ]
         return cfg.lora.problems()
 
     def zero_problems(self, stage: int, offload_optimizer: str, offload_param: str) -> list[str]:

@@ -6,11 +6,16 @@ Starting two ranks costs more than training the tiny model, so runs are few and 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tests.helpers import REPO, run_dtrain, write_config
+import psutil
+
+from dtrain.checkpoint import complete_checkpoints
+from tests.helpers import REPO, run_dtrain, start_dtrain, write_config
 
 STEPS = 4
 # Checkpoints at 2 and 4; eval at 2 (mid-training) and 4. seq_len 128 keeps the steps short.
@@ -33,6 +38,19 @@ RUNS = {
     "full-z3": ("full", []),
 }
 PROBED = ("lora-z0", "qlora-z0", "lora-z3", "qlora-z3", "full-z3")
+# The PEFT variants (lora.use_dora / use_rslora / init_lora_weights / loraplus_lr_ratio), probed in a launch of their
+# own so that the tests above do not wait for them. Each on the most demanding stage it runs on.
+VARIANTS = {
+    "dora-z3": ("lora", ["deepspeed.stage=3", "lora.use_dora=true"]),
+    "rslora-loraplus-z3": (
+        "lora",
+        ["deepspeed.stage=3", "lora.use_rslora=true", "lora.init_lora_weights=gaussian", "lora.loraplus_lr_ratio=16"],
+    ),
+    "pissa-z3": ("lora", ["deepspeed.stage=3", "lora.init_lora_weights=pissa"]),
+    "olora-z2": ("lora", ["deepspeed.stage=2", "lora.init_lora_weights=olora"]),
+    "qlora-dora-z2": ("qlora", ["lora.use_dora=true"]),
+}
+RUNS.update(VARIANTS)
 
 _shared: SharedRuns | None = None
 
@@ -62,7 +80,9 @@ class SharedRuns:
         """The run folder (output_dir) of a finished run."""
         if name not in self.done:
             if name in PROBED:
-                self._probe_all()
+                self._probe_all(PROBED)
+            elif name in VARIANTS:
+                self._probe_all(tuple(VARIANTS))
             else:
                 config, overrides = self.config(name)
                 self.done[name] = run_dtrain("train", str(config), *overrides, "--nproc", "2")
@@ -79,9 +99,9 @@ class SharedRuns:
         self.run(name)
         return self.root / name / "probe"
 
-    def _probe_all(self) -> None:
+    def _probe_all(self, names: tuple[str, ...]) -> None:
         args: list[str] = []
-        for name in PROBED:
+        for name in names:
             config, overrides = self.config(name)
             args += ["--", str(self.root / name / "probe"), str(config), *overrides]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -90,4 +110,24 @@ class SharedRuns:
         )
         if proc.returncode != 0:
             raise AssertionError(f"probe run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
-        self.done.update(dict.fromkeys(PROBED, proc))
+        self.done.update(dict.fromkeys(names, proc))
+
+
+def kill9_and_resume(config: Path, overrides: list[str], folder: Path) -> str:
+    """`dtrain train` in `folder`, one rank killed with SIGKILL right after the step-2 checkpoint, then the same
+    command again: returns what the second launch printed (it must say it resumed from step 2)."""
+    ckpts = folder / "run" / "checkpoints"
+    log = folder / "first-launch.log"
+    proc = start_dtrain("train", str(config), *overrides, "--nproc", "2", log=log)
+    deadline = time.monotonic() + 300
+    while not complete_checkpoints(ckpts):
+        assert proc.poll() is None, f"run ended before its first checkpoint:\n{log.read_text()[-5000:]}"
+        assert time.monotonic() < deadline, "no checkpoint in 300 s"
+        time.sleep(0.02)
+    psutil.Process(proc.pid).children()[-1].send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    assert [p.name for p in complete_checkpoints(ckpts)] == ["step-00000002"], "the run finished before the kill"
+    resumed = run_dtrain("train", str(config), *overrides, "--nproc", "2")
+    output = resumed.stdout + resumed.stderr
+    assert f"resumed from {ckpts / 'step-00000002'}" in output
+    return output

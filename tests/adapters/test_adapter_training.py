@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from dtrain.checkpoint import complete_checkpoints
 from dtrain.metrics import read_metrics
-from tests.adapters.runs import STEPS, shared_runs
-from tests.helpers import run_dtrain, start_dtrain
+from tests.adapters.runs import STEPS, kill9_and_resume, shared_runs
+from tests.helpers import run_dtrain
 
 pytestmark = pytest.mark.slow  # 2-rank trainings
 LAST = f"step-{STEPS:08d}"
@@ -129,21 +125,8 @@ def test_qlora_kill9_and_resume_without_eval_equals_the_run_that_evaluated_mid_t
     reference = runs.run("qlora-z2")
     config, overrides = runs.config("qlora-z2", tmp_path)
     overrides.append("eval.every_steps=0")
-    ckpts = tmp_path / "run" / "checkpoints"
-    log = tmp_path / "first-launch.log"
-    proc = start_dtrain("train", str(config), *overrides, "--nproc", "2", log=log)
-    deadline = time.monotonic() + 300
-    while not complete_checkpoints(ckpts):
-        assert proc.poll() is None, f"run ended before its first checkpoint:\n{log.read_text()[-5000:]}"
-        assert time.monotonic() < deadline, "no checkpoint in 300 s"
-        time.sleep(0.02)
-    psutil.Process(proc.pid).children()[-1].send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0
-    assert [p.name for p in complete_checkpoints(ckpts)] == ["step-00000002"], "the run finished before the kill"
-
-    resumed = run_dtrain("train", str(config), *overrides, "--nproc", "2")
-    assert f"resumed from {ckpts / 'step-00000002'}" in resumed.stdout + resumed.stderr
+    kill9_and_resume(config, overrides, tmp_path)
     assert 2 in read_metrics(reference, "eval/loss") and 2 not in read_metrics(tmp_path / "run", "eval/loss")
     want, got = read_metrics(reference), read_metrics(tmp_path / "run")
     assert sorted(got) == list(range(1, STEPS + 1)) and all(got[s] == want[s] for s in got), (got, want)
-    assert_same_adapter(reference / "checkpoints" / LAST, ckpts / LAST)
+    assert_same_adapter(reference / "checkpoints" / LAST, tmp_path / "run" / "checkpoints" / LAST)

@@ -248,3 +248,34 @@ def test_lora_trains_with_bitsandbytes_optimizers(tiny_model, tmp_path, optimize
     model = strategies.get("lora").build(cfg, CPU, STAGE0).module
     losses = _three_steps(model, cfg)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        dict(target_modules=["q_proj", "v_proj"], use_dora=True, modules_to_save=["lm_head", "norm"]),
+        dict(target_modules=["embed_tokens", "q_proj"], use_rslora=True),
+    ],
+    ids=["dora-with-saved-head-and-norm", "embedding-adapter"],
+)
+def test_loraplus_learning_rates_equal_peft_create_loraplus_optimizer(tiny_model, tmp_path, lora):
+    """Every trained tensor gets the learning rate peft's own LoRA+ optimizer gives it (B and 1-D tensors at
+    lr x ratio, embedding adapters at peft's 1e-6); weight decay stays dtrain's (no decay on 1-D tensors)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from dtrain.optim import build_optimizer
+
+    cfg = adapter_cfg(tiny_model, "lora", tmp=tmp_path, loraplus_lr_ratio=16.0, **lora)
+    cfg.train.lr, cfg.train.weight_decay = 2e-4, 0.1
+    model = strategies.get("lora").build(cfg, CPU, STAGE0).module
+    ours = build_optimizer(cfg.train, model, cfg.lora.loraplus_lr_ratio)
+    theirs = create_loraplus_optimizer(model, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16.0)
+
+    def rates(optimizer) -> dict[str, float]:
+        by_id = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        return {name: by_id[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+
+    assert rates(ours) == rates(theirs)
+    assert {round(r / 2e-4, 6) for r in rates(ours).values()} >= {1.0, 16.0}
+    decay = {id(p): g["weight_decay"] for g in ours.param_groups for p in g["params"]}
+    assert all(decay[id(p)] == (0.0 if p.ndim == 1 else 0.1) for p in model.parameters() if p.requires_grad)

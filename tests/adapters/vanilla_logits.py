@@ -6,6 +6,8 @@ logits on the batch in INPUT (a logits.pt from probe_run) to OUT as {spec: logit
     hf4bit:DIR                  the same, loaded 4-bit NF4 (double quant, bf16 compute: the QLoRA defaults)
     adapter:BASE:DIR            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)
     adapter4bit:BASE:DIR        the same with the base loaded 4-bit NF4 (double quant, bf16 compute)
+    adapter4bit-norepack:BASE:DIR   the same, bitsandbytes' CPU weight repacking off (support_avx512bf16_for_cpu =
+                                False on every Linear4bit), the user's workaround in docs/bnb-cpu-repack-dora.md
 No dtrain import: this is the vanilla-library check.
 """
 
@@ -21,7 +23,7 @@ def load(spec: str) -> torch.nn.Module:
 
     kind, *paths = spec.split(":")
     kwargs = {}
-    if kind.endswith("4bit"):
+    if "4bit" in kind:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -35,6 +37,12 @@ def load(spec: str) -> torch.nn.Module:
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(paths[0], dtype=torch.float32, **kwargs)
+    if kind.endswith("-norepack"):
+        from bitsandbytes.nn import Linear4bit
+
+        for module in base.modules():
+            if isinstance(module, Linear4bit):
+                module.support_avx512bf16_for_cpu = False
     return PeftModel.from_pretrained(base, paths[1])
 
 
