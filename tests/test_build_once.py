@@ -70,6 +70,23 @@ def test_a_build_longer_than_the_waiters_patience_completes_while_it_shows_life(
     assert (final / "done").read_text() == "ok" and not builder_errors
 
 
+def test_waiters_go_on_a_moment_after_a_short_build(tmp_path):
+    """A small data set builds in about a second while the other ranks wait; rank 0 then waits for the last of them
+    in the next collective, so a waiter that looked once a second would add up to a second to every first launch."""
+    final, ended = tmp_path / "data", []
+
+    def build(staging):
+        time.sleep(1.2)
+        (staging / "done").write_text("ok")
+        ended.append(time.monotonic())  # the rename follows at once
+
+    builder, builder_errors = _in_thread(lambda: build_once(final, build, is_builder=True))
+    assert build_once(final, build, is_builder=False, grace_s=60) is True
+    waited_after = time.monotonic() - ended[0]
+    builder.join(timeout=30)
+    assert not builder_errors and waited_after < 0.5
+
+
 def test_waiters_give_up_when_no_builder_shows_life(tmp_path):
     with pytest.raises(BuildFailed, match="no process has been building it"):
         build_once(tmp_path / "universal", lambda staging: None, is_builder=False, grace_s=0.5, poll_s=0.1)
