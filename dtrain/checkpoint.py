@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dtrain.build_once import remove_stale_staging
 from dtrain.checkpoint_layout import (
     ENGINE_TAG,
     STATE_FILE,
@@ -130,10 +131,12 @@ class Checkpointer:
         return read_progress(checkpoint)
 
     def _clear_partial(self) -> None:
-        """Leftovers of saves or prunes that a crash interrupted; never resumed from."""
+        """Leftovers of saves, prunes or universal conversions that a crash interrupted; never resumed from."""
         if self.directory.is_dir():
             for leftover in self.directory.glob(".tmp-step-*"):
                 shutil.rmtree(leftover, ignore_errors=True)
+            for checkpoint in complete_checkpoints(self.directory):  # only a dead converter's: it may run elsewhere
+                remove_stale_staging(checkpoint)
             _delete_in_background(list(self.directory.glob(".deleting-step-*")))
 
     def _prune(self) -> None:

@@ -11,7 +11,9 @@ a bug (a skipped or repeated batch moves the loss by ~1e-2). 2 -> 1 (a node lost
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -30,6 +32,12 @@ def test_resume_on_other_world_size_matches_uninterrupted_run(
     source = full_reference(saved_on) / "checkpoints" / "step-00000004"
     ckpts = tmp_path / "run" / "checkpoints"
     shutil.copytree(source, ckpts / source.name)
+    # an older checkpoint holding the staging folder of a conversion killed long ago: the next save removes it
+    shutil.copytree(source, ckpts / "step-00000002")
+    dead = ckpts / "step-00000002" / ".tmp-universal-lost-node-4242"
+    dead.mkdir()
+    long_ago = time.time() - 3600
+    os.utime(dead, (long_ago, long_ago))
     config = write_config(tmp_path / "cfg.yaml", tiny_model)
     check = run_dtrain("check", str(config), *FULL_OVERRIDES, "--nproc", str(resumed_on), in_process=True).stdout
     assert f"saved on {saved_on} ranks, resumed on {resumed_on}: global batch 8 kept" in check
@@ -44,6 +52,7 @@ def test_resume_on_other_world_size_matches_uninterrupted_run(
     assert f"world size {saved_on} -> {resumed_on}: global batch 8 kept" in log
     assert (ckpts / source.name / "universal").is_dir()  # converted once, cached beside the shards
     assert not list((ckpts / source.name).glob(".tmp-universal*"))
+    assert not dead.exists()  # removed by a save's cleanup: no conversion ran in that checkpoint
 
     expected, got = read_metrics(full_reference(saved_on)), read_metrics(tmp_path / "run")
     assert sorted(got) == list(range(5, FULL_STEPS + 1))
