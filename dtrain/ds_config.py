@@ -62,7 +62,7 @@ def build_deepspeed_config(
     }
     if cfg.train.precision == "bf16" and cfg.deepspeed.stage >= 1:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    if cfg.deepspeed.offload_param.device == "nvme":  # optimizer states on NVMe are refused by the config
+    if "nvme" in (cfg.deepspeed.offload_param.device, cfg.deepspeed.offload_optimizer.device):
         config["aio"] = dict(AIO)
     if OPTIMIZERS[cfg.train.optimizer].library == "deepspeed":
         # DeepSpeed picks its CPU Adam under optimizer offload and its fused Adam otherwise.

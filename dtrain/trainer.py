@@ -23,6 +23,7 @@ from dtrain.ds_config import build_deepspeed_config
 from dtrain.evaluation import eval_batches, token_mean_loss
 from dtrain.loss import install_chunked_loss
 from dtrain.metrics import MetricsLogger
+from dtrain.nvme_gradients import read_swapped_gradients_whole
 from dtrain.optim import build_optimizer
 from dtrain.order import DataOrder, rank_micro_batches
 from dtrain.preemption import StopFlag
@@ -78,6 +79,7 @@ class Trainer:
         self.startup.mark("model load")
         self._keepalive = built.keepalive
         optimizer = build_optimizer(cfg.train, built.module)
+        read_swapped_gradients_whole()  # DeepSpeed 0.19's NVMe optimizer offload otherwise steps on stale gradients
         self.engine, *_ = deepspeed.initialize(
             model=built.module,
             optimizer=optimizer,

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from dtrain import strategies
 from dtrain.config import Config, zero_layout_problems
-from dtrain.config.deepspeed import nvme_optimizer_problems
 from dtrain.ds_config import PARAM_SWAP_BUFFERS, param_swap_buffer_elements
 from dtrain.plan.hardware import Hardware
 from dtrain.plan.memory import (
@@ -71,7 +70,6 @@ class Choice:
         layout = (self.stage, self.offload_optimizer, self.offload_param)
         return (
             not zero_layout_problems(*layout)
-            and not nvme_optimizer_problems(self.offload_optimizer)
             and not strategies.get(self.strategy).zero_problems(*layout)
         )
 
