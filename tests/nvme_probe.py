@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--adam", choices=["torch", "deepspeed"], default="torch")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--unfixed", action="store_true")
+    parser.add_argument("--save", type=Path, help="checkpoint folder written after the last step")
+    parser.add_argument("--load", type=Path, help="checkpoint folder loaded before the first step")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -112,11 +114,18 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 8192, (world, 2, 64), generator=generator)[rank] for _ in range(args.steps)]
     losses = []
-    for step[0], input_ids in enumerate(batches, start=1):
+    first = 1
+    if args.load:
+        engine.load_checkpoint(str(args.load), tag="probe")
+        first = engine.global_steps + 1
+        batches = batches[engine.global_steps :]
+    for step[0], input_ids in enumerate(batches, start=first):
         loss = engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+    if args.save:
+        engine.save_checkpoint(str(args.save), tag="probe")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save({"losses": losses, "steps": records}, args.out / f"rank{rank}.pt")
     if rank == 0:
