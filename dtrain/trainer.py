@@ -23,7 +23,7 @@ from dtrain.ds_config import build_deepspeed_config
 from dtrain.evaluation import eval_batches, token_mean_loss
 from dtrain.loss import install_chunked_loss
 from dtrain.metrics import MetricsLogger
-from dtrain.nvme_gradients import read_swapped_gradients_whole
+from dtrain.nvme_optimizer import read_swapped_gradients_whole
 from dtrain.optim import build_optimizer
 from dtrain.order import DataOrder, rank_micro_batches
 from dtrain.preemption import StopFlag

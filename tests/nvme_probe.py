@@ -5,7 +5,7 @@ A bare DeepSpeed ZeRO-3 run (no dtrain trainer) of a tiny Llama whose embedding 
 only tensors above DeepSpeed's 1 MiB swap minimum, with the optimizer offloaded to CPU or to NVMe (a folder). Around
 every optimizer step of every sub-group it records the fp32 master partition before and after, the gradient the
 optimizer sees (after unscale and clipping) and the Adam moments after; rank r writes OUT/rank{r}.pt with those and
-the loss of each step. `--unfixed` leaves out dtrain's fix of the NVMe gradient read (dtrain.nvme_gradients).
+the loss of each step. `--unfixed` leaves out dtrain's fixes of NVMe optimizer offload (dtrain.nvme_optimizer).
 Comparing a CPU run's files with an NVMe run's shows the first tensor that differs:
 
     python -m tests.nvme_probe compare OUT_A OUT_B
@@ -92,7 +92,7 @@ def main() -> None:
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dtrain.nvme_gradients import read_swapped_gradients_whole
+    from dtrain.nvme_optimizer import read_swapped_gradients_whole, restore_swapped_moments
 
     if not args.unfixed:
         read_swapped_gradients_whole()
@@ -118,6 +118,8 @@ def main() -> None:
     if args.load:
         engine.load_checkpoint(str(args.load), tag="probe")
         first = engine.global_steps + 1
+        if not args.unfixed:
+            restore_swapped_moments(engine, args.load / "probe")
         batches = batches[engine.global_steps :]
     for step[0], input_ids in enumerate(batches, start=first):
         loss = engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss
