@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from dtrain.config import ConfigError, config_from_dict, zero_layout_problems
+from dtrain.config import config_from_dict, zero_layout_problems
 from dtrain.config.deepspeed import OFFLOAD_DEVICES, ZERO_STAGES, precision_stage_problems
 from dtrain.ds_config import (
     AIO,
@@ -57,10 +57,6 @@ def make_cfg(stage, opt, param, **train):
 def test_every_combination_is_concrete_and_valid(stage, opt, param):
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    if opt == "nvme":  # DeepSpeed runs it, wrongly: refused (test_optimizer_states_on_nvme_are_refused)
-        with pytest.raises(ConfigError, match="nvme is refused"):
-            make_cfg(stage, opt, param)
-        return
     cfg = make_cfg(stage, opt, param)
     ds = build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, world_size=4), largest_param=10**6)
     assert '"auto"' not in json.dumps(ds)
@@ -170,11 +166,11 @@ def test_check_warns_for_torch_adamw_under_optimizer_offload():
     assert launch_warnings(make_cfg(3, "none", "none", optimizer="adamw_torch")) == []
 
 
-def test_optimizer_states_on_nvme_are_refused():
-    """DeepSpeed 0.19.8 trains them wrong (tests/production/test_nvme.py measured it before the refusal) and writes
-    placeholders export cannot read: the config refuses them, and plan does not propose them."""
-    with pytest.raises(ConfigError, match="offload_optimizer.device: nvme is refused"):
-        make_cfg(3, "nvme", "none", optimizer="adamw_deepspeed")
+def test_optimizer_states_on_nvme_get_the_aio_section():
+    """DeepSpeed's optimizer swapper reads the same aio settings as the parameter swapper; they are written out."""
+    cfg = make_cfg(3, "nvme", "cpu", optimizer="adamw_deepspeed")
+    ds = build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, world_size=2), largest_param=10**6)
+    assert ds["aio"] == AIO and ds["zero_optimization"]["offload_optimizer"]["nvme_path"] == "/local_nvme"
 
 
 def test_check_reports_each_op_a_run_loads():
