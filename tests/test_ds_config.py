@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 
 import pytest
 
-from dtrain.config import config_from_dict, zero_layout_problems
+from dtrain.config import ConfigError, config_from_dict, zero_layout_problems
 from dtrain.config.deepspeed import OFFLOAD_DEVICES, ZERO_STAGES, precision_stage_problems
 from dtrain.ds_config import (
     AIO,
@@ -194,3 +195,37 @@ def test_check_names_the_lock_file_a_killed_op_build_left(tmp_path, monkeypatch)
     lines = dict(line.split(": ", 1) for line in ops_report(make_cfg(3, "cpu", "cpu", optimizer="adamw_deepspeed")))
     assert lines["shm_comm"] == "NOT built: each rank would compile it at start (run `make setup`)"
     assert f"NOT built, and {lock} exists" in lines["cpu_adam"] and "delete it" in lines["cpu_adam"]
+
+
+def test_bf16_optimizer_states_are_deepspeeds_bf16_master_and_states():
+    cfg = make_cfg(3, "nvme", "cpu", optimizer="adamw_deepspeed", optimizer_states="bf16")
+    ds = build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, world_size=2), largest_param=10**6)
+    assert ds["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    assert build_deepspeed_config(make_cfg(3, "cpu", "cpu"), BatchLayout.from_config(cfg.train, 2))["bf16"] == {
+        "enabled": True
+    }
+
+
+@pytest.mark.parametrize(
+    "train,opt,missing",
+    [
+        ({"optimizer": "adamw_torch"}, "cpu", "train.optimizer adamw_deepspeed (got adamw_torch)"),
+        ({"optimizer": "adamw_deepspeed"}, "none", "deepspeed.offload_optimizer.device cpu or nvme (got none)"),
+    ],
+)
+def test_bf16_optimizer_states_need_an_offloaded_deepspeed_adam(train, opt, missing):
+    with pytest.raises(ConfigError, match=re.escape(f"train.optimizer_states: bf16 needs {missing}")):
+        make_cfg(3, opt, "none", optimizer_states="bf16", **train)
+
+
+def test_plan_counts_bf16_optimizer_states_at_half_the_offloaded_bytes():
+    from dtrain.plan.memory import ZeroChoice, model_states
+    from dtrain.plan.shape import ParamCounts
+
+    counts = ParamCounts(trainable=10**9, frozen=0, largest_layer=10**6)
+    zero = ZeroChoice(3, "nvme", "cpu")
+    fp32, bf16 = (
+        model_states(counts, zero, 1, 8, optimizer="adamw_deepspeed", optimizer_states=s) for s in ("fp32", "bf16")
+    )
+    assert bf16.nvme.optimizer == fp32.nvme.optimizer / 2 == 6 * 10**9  # 2 B master + 4 B moments per parameter
+    assert bf16.nvme.grads == fp32.nvme.grads / 2

@@ -22,6 +22,21 @@ def zero_layout_problems(stage: int, offload_optimizer: str, offload_param: str)
     return problems
 
 
+def optimizer_states_problems(states: str, precision: str, optimizer: str, offload_optimizer: str) -> list[str]:
+    """bf16 optimizer states: DeepSpeed 0.19.8 keeps them only with bf16 master weights and gradients, and with an
+    offloaded optimizer only in its CPU Adam built with fp32_optimizer_states=False (base_optimizer.py
+    _configure_master_weights); the GPU path (fused Adam, no offload) is not tested here, so it is not offered."""
+    if states != "bf16":
+        return []
+    needs = [
+        f"train.precision bf16 (got {precision})" if precision != "bf16" else "",
+        f"train.optimizer adamw_deepspeed (got {optimizer})" if optimizer != "adamw_deepspeed" else "",
+        "deepspeed.offload_optimizer.device cpu or nvme (got none)" if offload_optimizer == "none" else "",
+    ]
+    needs = [n for n in needs if n]
+    return [f"train.optimizer_states: bf16 needs {', '.join(needs)}"] if needs else []
+
+
 def precision_stage_problems(precision: str, stage: int) -> list[str]:
     """bf16 at ZeRO stage 0: DeepSpeed 0.19.8 updates the bf16 weights with no fp32 master copy and sums micro-batch
     gradients in bf16 (engine._do_optimizer_sanity_check: DDP_BFLOAT16; it refuses grad_accum_dtype fp32 there)."""

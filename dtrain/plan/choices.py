@@ -68,10 +68,7 @@ class Choice:
     def valid(self) -> bool:
         """The rules the config validation applies: which layouts DeepSpeed runs, and what the strategy allows."""
         layout = (self.stage, self.offload_optimizer, self.offload_param)
-        return (
-            not zero_layout_problems(*layout)
-            and not strategies.get(self.strategy).zero_problems(*layout)
-        )
+        return not zero_layout_problems(*layout) and not strategies.get(self.strategy).zero_problems(*layout)
 
     def describe(self) -> str:
         offload = [
@@ -118,7 +115,15 @@ def estimate(shape: ModelShape, cfg: Config, choice: Choice, hw: Hardware) -> Es
     """Memory of one configuration: the config with `choice` applied, on `hw`."""
     terms = strategies.get(choice.strategy).plan_terms(shape, cfg)
     zero = ZeroChoice(choice.stage, choice.offload_optimizer, choice.offload_param)
-    states = model_states(terms.counts, zero, hw.nodes, hw.gpus_per_node, cfg.train.precision, terms.optimizer)
+    states = model_states(
+        terms.counts,
+        zero,
+        hw.nodes,
+        hw.gpus_per_node,
+        cfg.train.precision,
+        terms.optimizer,
+        optimizer_states=cfg.train.optimizer_states if zero.offload_optimizer != "none" else "fp32",
+    )
     activations = activation_bytes(
         shape,
         cfg.data.seq_len,
