@@ -14,12 +14,13 @@ The fix here reads each such gradient into an ordinary tensor (the aio op then b
 its own) and copies it into place; aligned slices are read directly as before. Upstream, the op should bounce
 whenever the address is misaligned.
 
-2. A resume keeps the Adam moments (`restore_swapped_moments`). The ZeRO checkpoint of a swapped sub-group holds
-empty placeholders for its moments, the real ones are swap files that `load_checkpoint` copies back into the swap
-folder; but after the load the optimizer holds no state for that sub-group, so the swapper registers only the
-master weights, Adam starts fresh moments at the next step (exp_avg = (1 - beta1) * grad) and writes them over the
-checkpoint's. Giving the optimizer the saved step and placeholders of the right length again makes the next swap-in
-read both moments from their files.
+2. A resume restores the optimizer (`load_swapped_optimizer_state`). `engine.load_checkpoint` skips the ZeRO
+optimizer load altogether when the optimizer is on NVMe (engine.py:4456, `not self.zero_nvme_offload_optimizer()`):
+it copies the swap files back and refreshes the swapped sub-groups' weights from them, but every step counter, every
+Adam moment and the fp32 master of each sub-group small enough to stay in RAM (norms) are left as a fresh run has
+them. This loads the ZeRO optimizer state the way the CPU path does, then gives each swapped sub-group its saved
+state back with placeholders of the right length for the emptied moments, so the next swap-in registers the moment
+files (`_get_state_tensors` only registers tensors of at least 1 MiB) and reads them.
 """
 
 from __future__ import annotations
@@ -41,21 +42,31 @@ def affected(version: str) -> bool:
     return low <= Version(version) <= high
 
 
-def restore_swapped_moments(engine: Any, checkpoint_tag_dir: Path) -> int:
-    """After `engine.load_checkpoint` on affected versions: the saved optimizer state of every swapped sub-group back
-    in the optimizer, its emptied tensors as placeholders (never touched, so the pages are not committed) that the
-    next swap-in fills from the swap files. Returns the number of sub-groups restored."""
+def load_swapped_optimizer_state(engine: Any, load_dir: Path, tag: str) -> bool:
+    """After `engine.load_checkpoint(load_dir, tag)` on affected versions with the optimizer on NVMe: what that call
+    skipped, loaded. True when it ran."""
     import deepspeed
-    import torch.distributed as dist
 
     optimizer = engine.optimizer
     if not (getattr(optimizer, "swap_optimizer", False) and affected(deepspeed.__version__)):
-        return 0
+        return False
+    optimizer.checkpoint_event_prologue()  # as load_checkpoint brackets its own load: partitioned, then regathered
+    if not engine._load_zero_checkpoint(str(load_dir), tag, load_optimizer_states=True):
+        raise RuntimeError(f"DeepSpeed found no ZeRO optimizer state in {load_dir / tag}")
+    _restore_swapped_moments(optimizer, load_dir / tag)
+    optimizer.checkpoint_event_epilogue()
+    return True
+
+
+def _restore_swapped_moments(optimizer: Any, tag_dir: Path) -> None:
+    """The rank's saved optimizer state back for every swapped sub-group, its emptied tensors replaced by untouched
+    `torch.empty` placeholders (no pages committed) that the next swap-in fills from the moment files."""
+    import torch.distributed as dist
+
     rank = dist.get_rank(group=optimizer.dp_process_group)
-    (optim_file,) = checkpoint_tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    (optim_file,) = tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     saved = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
     saved_state = saved["optimizer_state_dict"]["state"]
-    restored = 0
     for sub_group, fp32 in enumerate(optimizer.fp32_partitioned_groups_flat):
         if not optimizer._swappable_optimizer_subgroup(sub_group) or sub_group not in saved_state:
             continue
@@ -64,8 +75,6 @@ def restore_swapped_moments(engine: Any, checkpoint_tag_dir: Path) -> int:
             key: torch.empty(numel, dtype=value.dtype) if torch.is_tensor(value) and value.numel() == 0 else value
             for key, value in saved_state[sub_group].items()
         }
-        restored += 1
-    return restored
 
 
 def read_swapped_gradients_whole() -> bool:

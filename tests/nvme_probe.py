@@ -92,7 +92,7 @@ def main() -> None:
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dtrain.nvme_optimizer import read_swapped_gradients_whole, restore_swapped_moments
+    from dtrain.nvme_optimizer import load_swapped_optimizer_state, read_swapped_gradients_whole
 
     if not args.unfixed:
         read_swapped_gradients_whole()
@@ -104,9 +104,11 @@ def main() -> None:
     model = LlamaForCausalLM(config)
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
-    client_optimizer = (
-        torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0) if args.adam == "torch" else None
-    )
+    # two parameter groups, as dtrain builds them (dtrain.optim: norms apart), so ZeRO makes two sub-groups
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    rest = [p for n, p in model.named_parameters() if "norm" not in n]
+    groups = [{"params": rest, "weight_decay": 0.0}, {"params": norms, "weight_decay": 0.0}]
+    client_optimizer = torch.optim.AdamW(groups, lr=1e-3) if args.adam == "torch" else None
     engine, *_ = deepspeed.initialize(model=model, optimizer=client_optimizer, config=ds_config(args))
     records: dict = {}
     step = [0]
@@ -119,7 +121,7 @@ def main() -> None:
         engine.load_checkpoint(str(args.load), tag="probe")
         first = engine.global_steps + 1
         if not args.unfixed:
-            restore_swapped_moments(engine, args.load / "probe")
+            load_swapped_optimizer_state(engine, args.load, "probe")
         batches = batches[engine.global_steps :]
     for step[0], input_ids in enumerate(batches, start=first):
         loss = engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss
