@@ -34,6 +34,7 @@ from dtrain.checkpoint_layout import (
 )
 from dtrain.config import Config, dump_yaml
 from dtrain.fingerprint import run_fingerprints
+from dtrain.nvme_optimizer import load_swapped_optimizer_state
 from dtrain.strategies.protocol import CheckpointOptions
 
 
@@ -125,6 +126,8 @@ class Checkpointer:
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no engine state in {checkpoint / tag}")
+        if tag == ENGINE_TAG:  # universal checkpoints of NVMe optimizer states are refused (dtrain.reshard)
+            load_swapped_optimizer_state(engine, checkpoint, tag)
         rng_file = checkpoint / "rng" / f"rank-{self.rank:05d}.safetensors"
         if rng_file.is_file():  # absent for a rank that did not exist when the checkpoint was saved
             load_rng_state(rng_file)

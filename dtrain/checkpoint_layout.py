@@ -3,6 +3,8 @@ without importing torch.
 
 Layout of one checkpoint (`<dir>/step-00000040/`):
     ds/                     DeepSpeed shards: every rank writes its own model/optimizer partition
+    ds/offloaded_tensors/   with optimizer states on NVMe: each rank's fp32 master weights and moments as swap files
+                            (the ZeRO files then hold empty placeholders for them)
     rng/rank-00000.pt ...   RNG states of every rank (dropout draws from them)
     config.yaml             the resolved config of the run
     trainer_state.json      step, data position, tokens seen, batch layout; written LAST
@@ -22,6 +24,7 @@ STATE_FILE = "trainer_state.json"
 ENGINE_TAG = "ds"
 UNIVERSAL_TAG = "universal"
 _NAME = re.compile(r"^step-(\d{8})$")
+SWAPPED_STATES = "offloaded_tensors"
 
 
 @dataclass
@@ -56,3 +59,16 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 def read_progress(checkpoint: Path) -> Progress:
     state = json.loads((checkpoint / STATE_FILE).read_text())
     return Progress(**state["progress"])
+
+
+def swapped_optimizer_states(checkpoint: Path) -> str:
+    """Why a checkpoint of a run with optimizer states on NVMe cannot be consolidated ("" for any other): its fp32
+    master weights and moments are DeepSpeed swap files that `load_checkpoint` copies back, but neither
+    `zero_to_fp32` (export) nor `ds_to_universal` (a resume on another number of ranks) reads them."""
+    if not (checkpoint / ENGINE_TAG / SWAPPED_STATES).is_dir():
+        return ""
+    return (
+        f"{checkpoint} keeps its fp32 weights and optimizer states in DeepSpeed's NVMe swap files "
+        f"({ENGINE_TAG}/{SWAPPED_STATES}/, deepspeed.offload_optimizer.device: nvme), which export and the universal "
+        "conversion cannot read; resume it on the number of ranks it was saved on"
+    )

@@ -3,7 +3,8 @@
 Each fix is guarded (the signature it repairs, or the DeepSpeed versions measured) and leaves a fixed DeepSpeed alone.
 `before_init` runs once per rank right before `deepspeed.init_distributed`, `apply` right after it
 (dist.compute_init). The write-ups, ready to
-file upstream, are in docs/deepspeed-fixes.md; each has a test that fails without the fix.
+file upstream, are in docs/deepspeed-fixes.md (the NVMe optimizer's, in dtrain/nvme_optimizer.py, in
+docs/nvme-optimizer.md); each has a test that fails without the fix.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def skip_inference_shm_op() -> None:
 
 
 def apply(timeout: timedelta) -> None:
+    from dtrain.nvme_optimizer import read_swapped_gradients_whole
+
     groups_inherit_timeout(timeout)
     universal_load_reads_own_share()
+    read_swapped_gradients_whole()  # NVMe optimizer offload otherwise steps on stale gradients (its module says why)
 
 
 def groups_inherit_timeout(timeout: timedelta) -> None:

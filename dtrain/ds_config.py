@@ -51,7 +51,7 @@ def build_deepspeed_config(
         "gradient_accumulation_steps": layout.gradient_accumulation_steps,
         "train_batch_size": layout.global_batch_size,
         "gradient_clipping": cfg.train.max_grad_norm,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "bf16": _bf16_section(cfg),
         "zero_optimization": _zero_section(cfg, layout.world_size, accelerator, largest_param),
         # Our optimizers are built by us (torch AdamW, bitsandbytes): DeepSpeed must not swap them for its own.
         "zero_allow_untested_optimizer": True,
@@ -62,7 +62,7 @@ def build_deepspeed_config(
     }
     if cfg.train.precision == "bf16" and cfg.deepspeed.stage >= 1:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    if cfg.deepspeed.offload_param.device == "nvme":  # optimizer states on NVMe are refused by the config
+    if "nvme" in (cfg.deepspeed.offload_param.device, cfg.deepspeed.offload_optimizer.device):
         config["aio"] = dict(AIO)
     if OPTIMIZERS[cfg.train.optimizer].library == "deepspeed":
         # DeepSpeed picks its CPU Adam under optimizer offload and its fused Adam otherwise.
@@ -76,6 +76,15 @@ def build_deepspeed_config(
             },
         }
     return config
+
+
+def _bf16_section(cfg: Config) -> dict[str, Any]:
+    """train.optimizer_states bf16: master weights, gradients and Adam moments in bf16 (DeepSpeed then builds its CPU
+    Adam with fp32_optimizer_states=False, engine.py _configure_basic_optimizer)."""
+    section: dict[str, Any] = {"enabled": cfg.train.precision == "bf16"}
+    if cfg.train.optimizer_states == "bf16":
+        section.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+    return section
 
 
 def param_swap_buffer_elements(largest_param: int, world_size: int) -> int:

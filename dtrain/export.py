@@ -31,6 +31,7 @@ import torch
 
 from dtrain import strategies
 from dtrain.checkpoint import ENGINE_TAG, STATE_FILE, checkpoint_name, complete_checkpoints
+from dtrain.checkpoint_layout import swapped_optimizer_states
 from dtrain.config import Config, ConfigError, config_from_dict, read_yaml
 from dtrain.hub import HubError
 from dtrain.safe_load import load_untrusted, weights_only_loads
@@ -146,6 +147,8 @@ def lazy_engine_tensors(checkpoint: Path) -> tuple[dict[str, Any], set[str], lis
     Lazy tensors materialize on `.contiguous()`, so a caller holds one at a time. Names are the engine module's.
     """
     ds_dir = checkpoint / ENGINE_TAG
+    if swapped_optimizer_states(checkpoint):
+        raise ExportError(swapped_optimizer_states(checkpoint))
     stage = zero_stage(checkpoint)
     if stage == 0:
         state = load_untrusted(ds_dir / "mp_rank_00_model_states.pt", mmap=True)

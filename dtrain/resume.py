@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dtrain import strategies
-from dtrain.checkpoint_layout import STATE_FILE, UNIVERSAL_TAG, Progress, complete_checkpoints, read_progress
+from dtrain.checkpoint_layout import (
+    STATE_FILE,
+    UNIVERSAL_TAG,
+    Progress,
+    complete_checkpoints,
+    read_progress,
+    swapped_optimizer_states,
+)
 from dtrain.config import Config, ConfigError, read_yaml
 from dtrain.fingerprint import run_fingerprints
 from dtrain.layout import BatchLayout
@@ -57,6 +64,13 @@ def plan_resume(cfg: Config, world_size: int) -> ResumePlan:
     layout = BatchLayout.from_config(cfg.train, world_size, progress.global_batch_size if progress else None)
     # Stage 0 keeps whole optimizer state in one file, loadable anywhere; ZeRO stages partition it by rank.
     universal = progress is not None and cfg.deepspeed.stage >= 1 and progress.world_size != world_size
+    if universal and swapped_optimizer_states(checkpoint):
+        raise ConfigError(
+            [
+                f"checkpoint.resume: saved on {progress.world_size} ranks, resumed on {world_size}: "
+                f"{swapped_optimizer_states(checkpoint)}"
+            ]
+        )
     return ResumePlan(checkpoint, progress, layout, universal, changes.allowed)
 
 

@@ -142,7 +142,11 @@ def test_lora_combinations_that_cannot_work_fail_check(tmp_path, tiny_model, ove
     "base,overrides,message",
     [
         ("tiny-qlora", ["lora.init_lora_weights=pissa_niter_4"], "pissa_niter_4 decomposes the full-precision base"),
-        ("tiny-qlora", ["lora.init_lora_weights=olora"], "olora decomposes the full-precision base weight, which qlora"),
+        (
+            "tiny-qlora",
+            ["lora.init_lora_weights=olora"],
+            "olora decomposes the full-precision base weight, which qlora",
+        ),
         ("tiny-lora", ["lora.init_lora_weights=pissa", "lora.use_dora=true"], "pissa with lora.use_dora is refused"),
         ("tiny-lora", ["lora.init_lora_weights=orthogonal", "lora.r=7"], "orthogonal needs an even lora.r, got 7"),
     ],

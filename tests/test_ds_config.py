@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 
 import pytest
 
@@ -57,10 +58,6 @@ def make_cfg(stage, opt, param, **train):
 def test_every_combination_is_concrete_and_valid(stage, opt, param):
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    if opt == "nvme":  # DeepSpeed runs it, wrongly: refused (test_optimizer_states_on_nvme_are_refused)
-        with pytest.raises(ConfigError, match="nvme is refused"):
-            make_cfg(stage, opt, param)
-        return
     cfg = make_cfg(stage, opt, param)
     ds = build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, world_size=4), largest_param=10**6)
     assert '"auto"' not in json.dumps(ds)
@@ -170,11 +167,11 @@ def test_check_warns_for_torch_adamw_under_optimizer_offload():
     assert launch_warnings(make_cfg(3, "none", "none", optimizer="adamw_torch")) == []
 
 
-def test_optimizer_states_on_nvme_are_refused():
-    """DeepSpeed 0.19.8 trains them wrong (tests/production/test_nvme.py measured it before the refusal) and writes
-    placeholders export cannot read: the config refuses them, and plan does not propose them."""
-    with pytest.raises(ConfigError, match="offload_optimizer.device: nvme is refused"):
-        make_cfg(3, "nvme", "none", optimizer="adamw_deepspeed")
+def test_optimizer_states_on_nvme_get_the_aio_section():
+    """DeepSpeed's optimizer swapper reads the same aio settings as the parameter swapper; they are written out."""
+    cfg = make_cfg(3, "nvme", "cpu", optimizer="adamw_deepspeed")
+    ds = build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, world_size=2), largest_param=10**6)
+    assert ds["aio"] == AIO and ds["zero_optimization"]["offload_optimizer"]["nvme_path"] == "/local_nvme"
 
 
 def test_check_reports_each_op_a_run_loads():
@@ -202,3 +199,37 @@ def test_check_names_the_lock_file_a_killed_op_build_left(tmp_path, monkeypatch)
         f"NOT built, and {lock} exists" in lines["cpu_adam (cpu ranks)"]
         and "delete it" in lines["cpu_adam (cpu ranks)"]
     )
+
+
+def test_bf16_optimizer_states_are_deepspeeds_bf16_master_and_states():
+    cfg = make_cfg(3, "nvme", "cpu", optimizer="adamw_deepspeed", optimizer_states="bf16")
+    ds = build_deepspeed_config(cfg, BatchLayout.from_config(cfg.train, world_size=2), largest_param=10**6)
+    assert ds["bf16"] == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    assert build_deepspeed_config(make_cfg(3, "cpu", "cpu"), BatchLayout.from_config(cfg.train, 2))["bf16"] == {
+        "enabled": True
+    }
+
+
+@pytest.mark.parametrize(
+    "train,opt,missing",
+    [
+        ({"optimizer": "adamw_torch"}, "cpu", "train.optimizer adamw_deepspeed (got adamw_torch)"),
+        ({"optimizer": "adamw_deepspeed"}, "none", "deepspeed.offload_optimizer.device cpu or nvme (got none)"),
+    ],
+)
+def test_bf16_optimizer_states_need_an_offloaded_deepspeed_adam(train, opt, missing):
+    with pytest.raises(ConfigError, match=re.escape(f"train.optimizer_states: bf16 needs {missing}")):
+        make_cfg(3, opt, "none", optimizer_states="bf16", **train)
+
+
+def test_plan_counts_bf16_optimizer_states_at_half_the_offloaded_bytes():
+    from dtrain.plan.memory import ZeroChoice, model_states
+    from dtrain.plan.shape import ParamCounts
+
+    counts = ParamCounts(trainable=10**9, frozen=0, largest_layer=10**6)
+    zero = ZeroChoice(3, "nvme", "cpu")
+    fp32, bf16 = (
+        model_states(counts, zero, 1, 8, optimizer="adamw_deepspeed", optimizer_states=s) for s in ("fp32", "bf16")
+    )
+    assert bf16.nvme.optimizer == fp32.nvme.optimizer / 2 == 6 * 10**9  # 2 B master + 4 B moments per parameter
+    assert bf16.nvme.grads == fp32.nvme.grads / 2

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from dtrain.config.data import DataConfig, DatasetConfig
-from dtrain.config.deepspeed import DeepSpeedConfig, precision_stage_problems
+from dtrain.config.deepspeed import DeepSpeedConfig, optimizer_states_problems, precision_stage_problems
 from dtrain.config.model import LoraConfig, ModelConfig, QuantizationConfig
 from dtrain.config.train import TrainConfig
 from dtrain.config.typed import ConfigError, apply_override, convert, flatten, guarded, read_yaml
@@ -174,6 +174,12 @@ class Config:
             self.train.problems,
             self.deepspeed.problems,
             lambda: precision_stage_problems(self.train.precision, self.deepspeed.stage),
+            lambda: optimizer_states_problems(
+                self.train.optimizer_states,
+                self.train.precision,
+                self.train.optimizer,
+                self.deepspeed.offload_optimizer.device,
+            ),
             self.quantization.problems,
             self.checkpoint.problems,
             lambda: self.eval.problems(check_paths),

@@ -44,6 +44,11 @@ class TrainConfig:
     """Seeds model init of new modules, data order, dropout."""
     precision: str = "bf16"
     """Training precision: bf16 (fp32 master weights in the optimizer) or fp32."""
+    optimizer_states: str = "fp32"
+    """fp32: fp32 master weights, gradients and Adam moments (16 B per trained parameter with the bf16 weight).
+    bf16: all three in bf16 (DeepSpeed's bf16_master_weights_and_grads + bf16_optimizer_states, 8 B): for offloaded
+    optimizers that do not fit host RAM or NVMe otherwise; needs precision bf16, adamw_deepspeed and optimizer
+    offload. Its loss gap to fp32 states is in docs/nvme-optimizer.md."""
 
     def problems(self) -> list[str]:
         return self._batch_problems() + self._schedule_problems() + self._optimizer_problems()
@@ -83,6 +88,7 @@ class TrainConfig:
     def _optimizer_problems(self) -> list[str]:
         problems = one_of("train.optimizer", self.optimizer, OPTIMIZERS)
         problems += one_of("train.precision", self.precision, TRAINING_PRECISIONS)
+        problems += one_of("train.optimizer_states", self.optimizer_states, ("fp32", "bf16"))
         if self.max_grad_norm < 0:
             problems.append(f"train.max_grad_norm: must be >= 0 (0 disables), got {self.max_grad_norm}")
         if self.weight_decay < 0:

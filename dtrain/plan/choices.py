@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from dtrain import strategies
 from dtrain.config import Config, zero_layout_problems
-from dtrain.config.deepspeed import nvme_optimizer_problems
 from dtrain.ds_config import PARAM_SWAP_BUFFERS, param_swap_buffer_elements
 from dtrain.plan.hardware import Hardware
 from dtrain.plan.memory import (
@@ -69,11 +68,7 @@ class Choice:
     def valid(self) -> bool:
         """The rules the config validation applies: which layouts DeepSpeed runs, and what the strategy allows."""
         layout = (self.stage, self.offload_optimizer, self.offload_param)
-        return (
-            not zero_layout_problems(*layout)
-            and not nvme_optimizer_problems(self.offload_optimizer)
-            and not strategies.get(self.strategy).zero_problems(*layout)
-        )
+        return not zero_layout_problems(*layout) and not strategies.get(self.strategy).zero_problems(*layout)
 
     def describe(self) -> str:
         offload = [
@@ -120,7 +115,15 @@ def estimate(shape: ModelShape, cfg: Config, choice: Choice, hw: Hardware) -> Es
     """Memory of one configuration: the config with `choice` applied, on `hw`."""
     terms = strategies.get(choice.strategy).plan_terms(shape, cfg)
     zero = ZeroChoice(choice.stage, choice.offload_optimizer, choice.offload_param)
-    states = model_states(terms.counts, zero, hw.nodes, hw.gpus_per_node, cfg.train.precision, terms.optimizer)
+    states = model_states(
+        terms.counts,
+        zero,
+        hw.nodes,
+        hw.gpus_per_node,
+        cfg.train.precision,
+        terms.optimizer,
+        optimizer_states=cfg.train.optimizer_states if zero.offload_optimizer != "none" else "fp32",
+    )
     activations = activation_bytes(
         shape,
         cfg.data.seq_len,

@@ -71,6 +71,7 @@ def model_states(
     optimizer: str = "adamw_torch",
     buffer_factor: float = DS_HOST_BUFFER_FACTOR,
     grad_bytes: int | None = None,
+    optimizer_states: str = "fp32",
 ) -> Placement:
     """Parameters, gradients and optimizer states under a ZeRO stage and offload; totals equal DeepSpeed's estimators.
 
@@ -86,11 +87,14 @@ def model_states(
     and covers the load peak — stages 0-2 materialize the whole model on every rank of a node (fp32 in DeepSpeed's
     estimate), ZeRO-3 (zero.Init) one layer — or what is resident, if more. Frozen elements are 16-bit weights only;
     a QLoRA base is counted whole on every GPU, because transformers loads 4-bit models unsharded. DeepSpeed's stage-2
-    estimator ignores `num_nodes` for host memory; here each node holds only its ranks' partitions (equal for one)."""
+    estimator ignores `num_nodes` for host memory; here each node holds only its ranks' partitions (equal for one).
+    `optimizer_states` bf16 (train.optimizer_states) halves the offloaded master (2 B), moments (4 B) and gradient
+    partition (2 B)."""
     world = nodes * gpus_per_node
     weight = 2 if precision == "bf16" else 4
     trained, frozen = counts.trainable, counts.frozen
     master = 0 if (precision != "bf16" and zero.stage == 0) else 4  # ZeRO always keeps a separate fp32 partition
+    states_scale = 0.5 if optimizer_states == "bf16" else 1.0  # master, moments, offloaded gradient in bf16
     step_buffer = (4 if zero.stage < 3 else 2) if precision == "bf16" else 0
     # dtrain accumulates in fp32 at stages 1-3 (data_types.grad_accum_dtype); DeepSpeed's estimators assume the
     # model dtype (grad_bytes=2 reproduces them).
@@ -102,7 +106,7 @@ def model_states(
     # A QLoRA base (4-bit and dense parts) is loaded whole on every GPU; other frozen weights partition like the rest.
     frozen_share = 1 if counts.quantized_bytes else param_share
     gpu_params = weight * trained / param_share + weight * frozen / frozen_share + counts.quantized_bytes
-    optimizer = (master + OPTIMIZERS[optimizer].state_bytes) * trained / share
+    optimizer = states_scale * (master + OPTIMIZERS[optimizer].state_bytes) * trained / share
     where_params = zero.offload_param if zero.stage == 3 else "none"
     where_optimizer = zero.offload_optimizer if zero.stage > 0 else "none"
     rank = _place(Placement(), "params", where_params, gpu_params)
@@ -112,7 +116,7 @@ def model_states(
         rank = _place(rank, "buffers", "none", step_buffer * trained / share)
     else:
         rank = _place(rank, "grads", "none", grad * trained if zero.stage == 1 else 0.0)
-        rank = _place(rank, "grads", where_optimizer, 4 * trained / world)
+        rank = _place(rank, "grads", where_optimizer, states_scale * 4 * trained / world)
         host_grads16 = grad * trained / world if zero.stage == 3 else 0.0
         rank = _place(rank, "grads", "cpu", host_grads16)
     rank = _place(rank, "optimizer", where_optimizer, optimizer)

@@ -72,8 +72,8 @@ class ProductionRuns:
         return write_config(self.root / name / "cfg.yaml", model or self.model, base=base)
 
     def nvme_overrides(self) -> list[str]:
-        """Parameters on NVMe; optimizer states stay on CPU (the config refuses them on NVMe: DeepSpeed 0.19.8 trains
-        them wrong, see dtrain.config.deepspeed.nvme_optimizer_problems)."""
+        """Parameters on NVMe; optimizer states stay on CPU, so the run's checkpoints export (optimizer states on NVMe:
+        tests/test_nvme_optimizer.py)."""
         return [*PRODUCTION, "deepspeed.offload_param.device=nvme", f"deepspeed.offload_param.nvme_path={self.nvme}"]
 
     def jobs(self) -> list[dict]:

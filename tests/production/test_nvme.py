@@ -1,7 +1,6 @@
 """NVMe offload of parameters (the "NVMe" is a tmp dir) on 2 gloo ranks, bf16, CPU Adam. Optimizer states on NVMe are
-refused by the config: with DeepSpeed 0.19.8 such a run's loss left the CPU-offload run's from step 2 (measured here:
-8.92 vs 8.88 at step 2, 8.67 vs 8.31 at step 6, with or without parameters on NVMe), and its checkpoints keep the fp32
-weights in a swap format export cannot read (dtrain.config.deepspeed.nvme_optimizer_problems).
+tested in tests/test_nvme_optimizer.py (training and resume, bitwise against CPU offload) and
+tests/test_nvme_checkpoints.py (export refuses their swap files).
 
 The swap buffers: DeepSpeed's parameter swapper asserts that a rank's partition of a parameter fits one buffer
 (buffer_size, default 1e8 elements; Llama-3-70B's embedding is 1.05e9). The old config, i.e. that default scaled to
