@@ -79,6 +79,15 @@ def moe_traits(config: dict) -> MoeTraits | None:
     )
 
 
+def router_loss_overrides(config: dict, coef: float | None) -> dict[str, float]:
+    """from_pretrained keyword arguments that set a mixture-of-experts model's load-balancing coefficient to `coef`
+    (model.router_aux_loss_coef) under its family's key; none for None (config.json's stays) or a dense model."""
+    traits = moe_traits(config)
+    if coef is None or traits is None or traits.aux_coef_key is None:
+        return {}
+    return {traits.aux_coef_key: coef}
+
+
 def sparse_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Every module holding a router and experts (see the module docstring)."""
     return [

@@ -45,6 +45,19 @@ TINY_VARIANTS = {
     "mistral": ("mistral", dict(head_dim=24)),
     "qwen2": ("qwen2", {}),
     "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True, head_dim=16)),
+    "qwen3-moe": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "qwen3-moe-dense-layer-bias-tied": (
+        "qwen3_moe",
+        dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32, mlp_only_layers=[0], attention_bias=True,
+             tie_word_embeddings=True),
+    ),
+    "qwen3-moe-sparse-step": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=24)),
+}  # fmt: skip
+MOE_MODELS = {  # shipped config.json: (total, active) parameters as published (30.5B/3.3B, 235B/22B, 46.7B/12.9B)
+    "qwen3-30b-a3b": (30_532_122_624, 3_353_032_704),
+    "qwen3-235b-a22b": (235_093_634_560, 22_190_763_520),
+    "mixtral-8x7b": (46_702_792_704, 12_879_925_248),
 }
 
 
@@ -78,6 +91,8 @@ def test_param_count_equals_transformers_model(variant):
     shape = ModelShape.from_hf_config(config.to_dict())
     assert shape.total_params == sum(p.numel() for p in model.parameters())
     assert shape.largest_layer_params == largest_layer(model)
+    if shape.moe:
+        assert shape.active_params == active_params(model, config) < shape.total_params
 
 
 @pytest.mark.parametrize("path, expected", [(LLAMA3_8B, 8_030_261_248), (LLAMA3_70B, 70_553_706_496)])
@@ -91,11 +106,34 @@ def test_real_llama3_shapes(path, expected):
     assert shape.largest_layer_params == largest_layer(model) == 128256 * shape.hidden_size
 
 
+def active_params(model, config) -> int:
+    """Parameters one token runs through, counted on the model: every parameter, less the (E - k) experts' slices
+    of each fused experts module that a token is not routed to."""
+    total = sum(p.numel() for p in model.parameters())
+    k = config.num_experts_per_tok
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            total -= param.numel() // param.shape[0] * (param.shape[0] - k)
+    return total
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_real_moe_shapes(name):
+    from transformers import AutoConfig
+
+    path = REPO / "configs/models" / name
+    shape, config = load_model_shape(path), AutoConfig.from_pretrained(path)
+    model = meta_model(config)
+    assert (shape.total_params, shape.active_params) == MOE_MODELS[name]
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    assert shape.active_params == active_params(model, config)
+    # one layer's fused experts are the largest module ZeRO-3 gathers (above the embedding)
+    assert shape.largest_layer_params == largest_layer(model) > shape.embedding_params
+
+
 def test_unsupported_models_are_refused():
     with pytest.raises(ValueError, match="plan supports"):
         ModelShape.from_hf_config({"model_type": "gpt2"})
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        ModelShape.from_hf_config(hf_config("mistral").to_dict() | {"num_local_experts": 8})
 
 
 LORA_CASES = {
@@ -106,6 +144,7 @@ LORA_CASES = {
     ),
     "bias-all": ("llama", dict(attention_bias=True), LoraConfig(r=8, target_modules=["q_proj"], bias="all")),
     "bias-lora-only-qwen2": ("qwen2", {}, LoraConfig(r=8, target_modules=["k_proj", "up_proj"], bias="lora_only")),
+    "mixtral-qv": ("mixtral", dict(num_local_experts=4), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
 }  # fmt: skip
 
 
@@ -276,6 +315,32 @@ def test_activation_formula_matches_cpu_peak(case):
     )
     # the chunked loss's two head-sized gradients are an upper bound (autograd frees the slices' as it sums them)
     assert predicted == pytest.approx(measured, rel=0.15 if chunked else 0.03)
+
+
+MOE_ACTIVATION_CASES = {  # transformers' default experts implementation on CPU (grouped_mm), no checkpointing
+    "qwen3-moe": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)),
+    "qwen3-moe-dense-layer": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                                                mlp_only_layers=[0])),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=256)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MOE_ACTIVATION_CASES)
+def test_moe_activation_formula_matches_cpu_peak(case):
+    """The routed tokens' terms (top-k experts per token, router logits) against a real step: the layers dominate
+    at this vocabulary, so the sparse blocks' share is what is measured."""
+    from transformers import AutoModelForCausalLM
+
+    model_type, overrides = MOE_ACTIVATION_CASES[case]
+    config = hf_config(model_type, hidden_size=256, vocab_size=512, num_key_value_heads=4, attn_implementation="sdpa",
+                       **overrides)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).train()
+    batch, seq_len = 2, 128
+    measured = cpu_step_peak(model, torch.randint(0, config.vocab_size, (batch, seq_len)))
+    shape = ModelShape.from_hf_config(config.to_dict())
+    predicted = activation_bytes(shape, seq_len, batch, False, "sdpa", 2, chunked_loss=False)
+    assert predicted == pytest.approx(measured, rel=0.07)
 
 
 # ---------------------------------------------------------------------------------------------------------------

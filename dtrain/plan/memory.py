@@ -189,13 +189,13 @@ def activation_bytes(
     adapted = sum(
         4 * fan_in + 4 * lora_r for name, (fan_in, _, _) in (adapters or {}).items() if name in DECODER_LINEARS
     )
-    dense, sparse = (
-        _layer_activation_bytes(shape, attn_implementation, a, seq_len, adapters is not None, routed) + adapted
-        for routed in (False, True)
-    )
-    layer = max(dense if shape.dense_layers else 0, sparse if shape.sparse_layers else 0)
-    tokens = micro_batch * seq_len
     frozen_base = adapters is not None
+    dense = _layer_activation_bytes(shape, attn_implementation, a, seq_len, frozen_base) + adapted
+    sparse = (
+        _layer_activation_bytes(shape, attn_implementation, a, seq_len, frozen_base, True) + adapted if shape.moe else 0
+    )
+    layer = max(dense if shape.dense_layers else 0, sparse)
+    tokens = micro_batch * seq_len
     # LoRA/QLoRA: plan counts the head frozen (lora.modules_to_save: [lm_head] would train it)
     chunks = loss_chunks(shape, a, tokens, frozen_base, head_trained=not frozen_base) if chunked_loss else 1
     loss = chunked_loss_bytes(shape, a, tokens, chunks, head_trained=not frozen_base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dtrain.attention import attention_for
+from dtrain.families import mark_zero3_leaves, router_loss_overrides
 from dtrain.tables import torch_dtype
 
 if TYPE_CHECKING:
@@ -21,14 +23,19 @@ def load_pretrained(cfg: Config, ds_config: dict[str, Any], **kwargs: Any) -> tu
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    keepalive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    keepalive = HfDeepSpeedConfig(ds_config) if zero3 else None
+    config = json.loads((cfg.model.local_dir() / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.local_dir(),
         trust_remote_code=cfg.model.trust_remote_code,
         dtype=torch_dtype(cfg.train.precision),
         attn_implementation=attention_for(cfg).implementation,
+        **router_loss_overrides(config, cfg.model.router_aux_loss_coef),
         **kwargs,
     )
+    if zero3:
+        mark_zero3_leaves(model)  # separate expert modules only (dtrain.families): fused experts need none
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
