@@ -145,6 +145,14 @@ LORA_CASES = {
     "bias-all": ("llama", dict(attention_bias=True), LoraConfig(r=8, target_modules=["q_proj"], bias="all")),
     "bias-lora-only-qwen2": ("qwen2", {}, LoraConfig(r=8, target_modules=["k_proj", "up_proj"], bias="lora_only")),
     "mixtral-qv": ("mixtral", dict(num_local_experts=4), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
+    "qwen3-moe-all-linear-dense-layer": ("qwen3_moe", dict(num_experts=4, mlp_only_layers=[1]),
+                                         LoraConfig(r=4, dropout=0.0, target_modules="all-linear")),
+    "mixtral-all-linear": ("mixtral", dict(num_local_experts=4),
+                           LoraConfig(r=4, dropout=0.0, target_modules="all-linear")),
+    "qwen3-moe-expert-tensors-and-router": (
+        "qwen3_moe", dict(num_experts=4, mlp_only_layers=[0]),
+        LoraConfig(r=8, dropout=0.0, target_modules=["q_proj", "gate_up_proj", "down_proj", "gate"]),
+    ),
 }  # fmt: skip
 
 
@@ -157,7 +165,8 @@ def test_lora_trainable_count_equals_peft(case):
 
     model_type, overrides, lora = LORA_CASES[case]
     config = hf_config(model_type, **overrides)
-    model = get_peft_model(AutoModelForCausalLM.from_config(config), peft_config(lora))
+    base = AutoModelForCausalLM.from_config(config)
+    model = get_peft_model(base, peft_config(lora, model=base))  # targets resolved as dtrain resolves them
     trainable, total = model.get_nb_trainable_parameters()
     shape = ModelShape.from_hf_config(config.to_dict())
     assert lora_trainable_params(shape, lora) == trainable
@@ -340,6 +349,27 @@ def test_moe_activation_formula_matches_cpu_peak(case):
     measured = cpu_step_peak(model, torch.randint(0, config.vocab_size, (batch, seq_len)))
     shape = ModelShape.from_hf_config(config.to_dict())
     predicted = activation_bytes(shape, seq_len, batch, False, "sdpa", 2, chunked_loss=False)
+    assert predicted == pytest.approx(measured, rel=0.07)
+
+
+def test_moe_expert_lora_activation_matches_cpu_peak():
+    """peft's LoRA on fused experts materializes every expert's adapted weight for backward (dtrain.plan.memory)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.strategies.peft_adapters import peft_config
+
+    config = hf_config("qwen3_moe", hidden_size=256, vocab_size=512, num_key_value_heads=4, attn_implementation="sdpa",
+                       num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)  # fmt: skip
+    lora = LoraConfig(r=8, dropout=0.0, target_modules=["q_proj", "v_proj", "gate_up_proj", "down_proj"])
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).train()
+    model = get_peft_model(base, peft_config(lora, model=base))
+    batch, seq_len = 2, 128
+    measured = cpu_step_peak(model, torch.randint(0, config.vocab_size, (batch, seq_len)))
+    shape = ModelShape.from_hf_config(config.to_dict())
+    adapters = lora_targets(shape, lora.target_modules)
+    predicted = activation_bytes(shape, seq_len, batch, False, "sdpa", 2, adapters, lora.r, chunked_loss=False)
     assert predicted == pytest.approx(measured, rel=0.07)
 
 

@@ -192,7 +192,11 @@ def activation_bytes(
     frozen_base = adapters is not None
     dense = _layer_activation_bytes(shape, attn_implementation, a, seq_len, frozen_base) + adapted
     sparse = (
-        _layer_activation_bytes(shape, attn_implementation, a, seq_len, frozen_base, True) + adapted if shape.moe else 0
+        _layer_activation_bytes(shape, attn_implementation, a, seq_len, frozen_base, True)
+        + adapted
+        + _expert_adapter_bytes(shape, a, adapters or {}, micro_batch * seq_len)
+        if shape.moe
+        else 0
     )
     layer = max(dense if shape.dense_layers else 0, sparse)
     tokens = micro_batch * seq_len
@@ -246,20 +250,35 @@ def _layer_activation_bytes(
     attention = 2 * a * q + 2 * a * kv_saved + 4 * shape.num_heads
     if attn_implementation == "eager":
         attention += (4 + a) * shape.num_heads * seq_len
-    if shape.qk_norm:
-        attention += (4 + 2 * a) * (q + kv)
+    if shape.qk_norm:  # like the layer norms: a frozen norm weight needs neither its normalized input nor output
+        attention += (4 + (0 if frozen_base else 2 * a)) * (q + kv)
     mlp = _sparse_block_bytes(shape, a, frozen_base) if sparse else (3 if frozen_base else 4) * a * i
     return 2 * norm + attention + mlp
+
+
+def _expert_adapter_bytes(shape: ModelShape, a: int, adapters: dict, tokens: int) -> float:
+    """Per token, what LoRA on a sparse layer's expert tensors adds (peft's ParamWrapper, measured on CPU): each
+    forward materializes the adapted weight W + BA of every expert in the compute dtype, kept for backward — a whole
+    dense copy of the layer's adapted experts, whatever the tokens (spread over them here) — and each routed
+    token's input and SiLU product are kept again for the adapters' gradients."""
+    from dtrain.plan.shape import EXPERT_DOWN, EXPERT_GATE_UP
+
+    adapted = [name for name in (EXPERT_GATE_UP, EXPERT_DOWN) if name in adapters]
+    if not adapted:
+        return 0.0
+    moe, h = shape.moe, shape.hidden_size
+    weights = sum(fan_in * fan_out * moe.num_experts for fan_in, fan_out, _ in (adapters[n] for n in adapted))
+    return a * weights / tokens + moe.experts_per_token * a * (h + moe.expert_intermediate_size)
 
 
 def _sparse_block_bytes(shape: ModelShape, a: int, frozen_base: bool) -> float:
     """Per token, what a sparse block keeps for backward (transformers 5's experts loop, Qwen3MoeExperts.forward):
     the router's logits (a·E) and fp32 probabilities (4·E), and for each of the top-k experts the token is routed
     to: its gathered input (a·h, for the weight gradient), gate and up (2·a·I), SiLU(gate) (a·I), their product
-    (a·I, down's input) and down's output (a·h, scaled by the routing weight). A frozen base keeps no input that
-    only a weight gradient needs (the gathered input, the product). Shared experts are a dense MLP beside them."""
+    (a·I, down's input) and down's output (a·h, for the routing weight's gradient). A frozen base keeps only what
+    the input gradient needs: gate, up and SiLU(gate). Shared experts are a dense MLP beside them."""
     moe = shape.moe
     h, e, k, i = shape.hidden_size, moe.num_experts, moe.experts_per_token, moe.expert_intermediate_size
-    routed = a * (h + 3 * i) if frozen_base else a * (2 * h + 4 * i)
+    routed = 3 * a * i if frozen_base else a * (2 * h + 4 * i)
     shared = (3 if frozen_base else 4) * a * moe.shared_intermediate_size
     return (a + 4) * e + k * routed + shared

@@ -191,25 +191,48 @@ def lora_linear_params(in_features: int, out_features: int, r: int) -> int:
     return r * (in_features + out_features)
 
 
-def lora_targets(shape: ModelShape, target_modules: list[str] | str) -> dict[str, tuple[int, int, int]]:
-    """Adapted modules as name -> (in_features, out_features, how many in the model).
+EXPERT_GATE_UP, EXPERT_DOWN, ROUTER = "experts.gate_up_proj", "experts.down_proj", "gate"
 
-    "all-linear" means, as in peft, every Linear except the output layer (lm_head). Names match peft's rule for
-    plain names: every module whose name ends with it."""
+
+def expert_tensors(shape: ModelShape) -> dict[str, tuple[int, int, int]]:
+    """A sparse block's LoRA targets that are tensors, not nn.Linear (peft target_parameters: one rank-r pair per
+    expert), as name -> (in_features, out_features, how many in the model): the fused experts and the router."""
+    if not shape.moe:
+        return {}
+    h, i, e, layers = shape.hidden_size, shape.moe.expert_intermediate_size, shape.moe.num_experts, shape.sparse_layers
+    return {EXPERT_GATE_UP: (h, 2 * i, layers * e), EXPERT_DOWN: (i, h, layers * e), ROUTER: (h, e, layers)}
+
+
+def lora_targets(shape: ModelShape, target_modules: list[str] | str) -> dict[str, tuple[int, int, int]]:
+    """Adapted modules and expert tensors as name -> (in_features, out_features, how many in the model).
+
+    "all-linear" means, as in peft, every Linear except the output layer (lm_head), and on a mixture of experts
+    every expert tensor but the router (dtrain.strategies.targets). peft's mapping of the transformers 4.x names
+    adapts the fused gate and up projections at rank 2r: counted as two rank-r adapters. Names match peft's rule for
+    plain names: every module (or expert tensor) whose name ends with it."""
     linears = shape.linear_counts()
+    tensors = expert_tensors(shape)
     if target_modules == "all-linear":
-        return linears
+        if not tensors:
+            return linears
+        fan_in, fan_out, count = tensors[EXPERT_GATE_UP]
+        return {**linears, EXPERT_GATE_UP: (fan_in, fan_out, 2 * count), EXPERT_DOWN: tensors[EXPERT_DOWN]}
     extra = {
         "lm_head": (shape.hidden_size, shape.vocab_size, 1),
         "embed_tokens": (shape.vocab_size, shape.hidden_size, 1),
     }
-    unknown = [t for t in target_modules if t not in linears and t not in extra]
-    if unknown:
-        known = ", ".join([*linears, *extra])
-        raise ValueError(
-            f"lora.target_modules: {', '.join(unknown)} not in a {shape.model_type} model (known: {known})"
-        )
-    return {t: linears.get(t) or extra[t] for t in target_modules}
+    found = {}
+    for target in target_modules:
+        hits = {name: dims for name, dims in {**linears, **tensors}.items() if _named(name, target)}
+        if not hits and target not in extra:
+            known = ", ".join([*linears, *tensors, *extra])
+            raise ValueError(f"lora.target_modules: {target} not in a {shape.model_type} model (known: {known})")
+        found |= hits or {target: extra[target]}
+    return found
+
+
+def _named(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
 
 
 def lora_trainable_params(shape: ModelShape, lora: LoraConfig) -> int:
