@@ -388,6 +388,31 @@ def test_shipped_configs_load():
     assert qlora.data.datasets[0].format == "chat" and qlora.data.seq_len == 2048
 
 
+QWEN3_30B_FULL = REPO / "configs/qwen3-30b-a3b-full-zero3-offload.yaml"
+QWEN3_30B_QLORA = REPO / "configs/qwen3-30b-a3b-qlora.yaml"
+
+
+def test_shipped_moe_configs_load_and_plan(monkeypatch):
+    """Qwen3-30B-A3B: every expert resident and partitioned under ZeRO-3 (full), and a QLoRA base whose fused experts
+    stay bf16 on the one GPU (transformers quantizes nn.Linear only)."""
+    monkeypatch.chdir(REPO)  # model.path in the shipped configs is relative to the repository
+    full = load_config(QWEN3_30B_FULL, check_paths=False)
+    assert (full.strategy, full.deepspeed.stage, full.model.router_aux_loss_coef) == ("full", 3, None)
+    assert (full.deepspeed.offload_optimizer.device, full.deepspeed.offload_param.device) == ("cpu", "cpu")
+    text = plan_command(full, 2, 8, parse_size("80GB"), parse_size("1TB"))
+    assert "30,532,122,624 parameters" in text and "3,353,032,704 active per token" in text
+    assert "verdict: fits" in text
+    qlora = load_config(QWEN3_30B_QLORA, check_paths=False)
+    assert (qlora.strategy, qlora.quantization.quant_type) == ("qlora", "nf4")
+    text = plan_command(qlora, 1, 1, parse_size("80GB"), parse_size("256GB"))
+    assert "verdict: fits" in text
+    shape = load_model_shape(REPO / "configs/models/qwen3-30b-a3b")
+    counts = param_counts(shape, "qlora", qlora.lora, qlora.quantization)
+    experts_and_routers = shape.sparse_layers * shape.sparse_block_params
+    assert counts.frozen >= experts_and_routers  # counted in bf16, not 4-bit
+    assert format_bytes(2 * experts_and_routers) == "58.0 GB"
+
+
 def test_plan_for_70b_full_on_4x8x80gb(monkeypatch):
     monkeypatch.chdir(REPO)  # model.path in the shipped configs is relative to the repository
     cfg = load_config(FULL_70B, check_paths=False)

@@ -148,7 +148,26 @@ def adapted_lines(cfg: Config) -> list[str]:
     lines = [f"modules {', '.join(f'{n} x{c}' for n, c in modules.items()) or 'none'}"]
     if parameters:
         lines.append(f"parameters {', '.join(f'{n} x{c}' for n, c in parameters.items())} (one LoRA pair per expert)")
-    return [*lines, count_parameters(model).line()]
+    return [*lines, count_parameters(model).line(), *_unquantized_lines(cfg, model)]
+
+
+def _unquantized_lines(cfg: Config, model: torch.nn.Module) -> list[str]:
+    """A 4-bit base: the expert and router tensors bitsandbytes leaves in the training precision. transformers 5.25
+    replaces nn.Linear (and Conv1D) only (integrations/bitsandbytes.py replace_with_bnb_linear), so fused 3D experts
+    load unquantized (docs/moe.md); the planner counts them so."""
+    from dtrain import strategies
+    from dtrain.strategies.targets import expert_tensors
+
+    if "quantization" not in strategies.get(cfg.strategy).sections:
+        return []
+    names = set(expert_tensors(model))
+    kept = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    if not kept:
+        return []
+    return [
+        f"4-bit: nn.Linear weights only; {len(names)} expert and router tensors ({kept:,} parameters) stay "
+        f"{cfg.train.precision} (transformers quantizes nn.Linear only: docs/moe.md)"
+    ]
 
 
 def _layer_generic(name: str) -> str:
