@@ -67,3 +67,14 @@ class RouterLoss:
             for layer, value in zip(self.sparse_layers, imbalance, strict=True)
         }
         return {"aux_loss": aux / micro_batches, "expert_load_max_over_mean": max(imbalance), **layers}
+
+
+def experts_line(causal_lm: torch.nn.Module) -> str | None:
+    """The run log's line on how a mixture of experts runs its experts; None for a dense model. transformers 5
+    decides it the way dtrain.attention decides attention: grouped_mm (one grouped GEMM over all experts) where
+    torch's grouped GEMM runs for the device and dtype, else the eager per-expert loop (modeling_utils,
+    get_correct_experts_implementation)."""
+    if moe_traits(causal_lm.config.to_dict()) is None:
+        return None
+    chosen = getattr(causal_lm.config, "_experts_implementation", None) or "eager"
+    return f"experts: {chosen} (transformers' choice: grouped_mm where torch's grouped GEMM runs here, else eager)"

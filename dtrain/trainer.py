@@ -23,7 +23,7 @@ from dtrain.ds_config import build_deepspeed_config
 from dtrain.evaluation import eval_batches, token_mean_loss
 from dtrain.loss import causal_lm_of, install_chunked_loss
 from dtrain.metrics import MetricsLogger
-from dtrain.moe import RouterLoss
+from dtrain.moe import RouterLoss, experts_line
 from dtrain.optim import build_optimizer
 from dtrain.order import DataOrder, rank_micro_batches
 from dtrain.preemption import StopFlag
@@ -242,6 +242,9 @@ class Trainer:
         self.startup.mark("first step")
         log.message(self.startup.line())
         log.message(self.attention.line())
+        experts = experts_line(causal_lm_of(self.engine.module))
+        if experts:
+            log.message(experts)
         log.log(step, self.startup.phases, prefix="startup", force=True)
 
     def _save(self, progress: Progress, log: MetricsLogger) -> None:

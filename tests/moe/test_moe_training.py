@@ -36,7 +36,8 @@ def runs(tmp_path_factory, tiny_moe):
         if key not in done:
             root = tmp_path_factory.mktemp(f"{model_type}-{nproc}rank")
             config = write_config(root / "cfg.yaml", tiny_moe(model_type))
-            run_dtrain("train", str(config), *OVERRIDES, *overrides, "--nproc", str(nproc), timeout=DEADLINE_S)
+            proc = run_dtrain("train", str(config), *OVERRIDES, *overrides, "--nproc", str(nproc), timeout=DEADLINE_S)
+            (root / "run" / "train.log").write_text(proc.stdout + proc.stderr)
             done[key] = root / "run"
         return done[key]
 
@@ -53,6 +54,7 @@ def test_two_ranks_match_one_and_every_expert_trains_on_step_one(runs, tiny_moe,
     aux = read_metrics(two, "train/aux_loss")
     assert sorted(aux) == sorted(losses) and all(value > 0 for value in aux.values())
     assert read_metrics(two, "train/expert_load_max_over_mean")[1] >= 1.0
+    assert "experts: grouped_mm (transformers' choice" in (two / "train.log").read_text()
 
     # named as in the training engine (transformers saves fused experts in the per-expert layout of its 4.x files)
     initial = AutoModelForCausalLM.from_pretrained(tiny_moe(model_type)).state_dict()
