@@ -72,7 +72,7 @@ def test_expert_adapter_trained_on_two_ranks_loads_in_vanilla_peft_with_the_same
     config = write_config(tmp_path / "cfg.yaml", model_dir, base=BASE)
     run_dtrain("train", str(config), *overrides, "--nproc", "2", timeout=600)
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003"
-    run_dtrain("export", str(checkpoint), "--adapter", "--out", str(tmp_path / "adapter"))
+    run_dtrain("export", str(checkpoint), "--adapter", str(tmp_path / "adapter"))
 
     cfg = load_config(config, overrides)
     trained = strategies.get("lora").eval_model(cfg, checkpoint, torch.device("cpu"))

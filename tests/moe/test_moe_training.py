@@ -9,12 +9,16 @@ every parameter, and of each expert's slice of the fused 3D tensors."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from dtrain.metrics import read_metrics
-from tests.helpers import consolidated, run_dtrain, write_config
+from tests.helpers import REPO, consolidated, run_dtrain, write_config
 
 pytestmark = pytest.mark.slow  # 1- and 2-rank trainings through the CLI, ~15 s each
 
@@ -77,3 +81,32 @@ def test_coefficient_zero_trains_the_plain_loss(runs):
     default, plain = runs("qwen3_moe", 2), runs("qwen3_moe", 2, "model.router_aux_loss_coef=0")
     assert read_metrics(plain, "train/aux_loss") == {}
     assert read_metrics(plain)[1] == pytest.approx(read_metrics(default)[1], rel=1e-6)
+
+
+def test_resume_from_a_checkpoint_is_bitwise_and_the_hf_export_loads_in_vanilla_transformers(runs, tiny_moe, tmp_path):
+    """A relaunch from the step-2 checkpoint (what a kill -9 after it leaves) repeats step 3 exactly — LM loss and
+    balancing loss — with torch AdamW; `export --hf` of the run loads in plain transformers with the engine's
+    weights (its logits equal those of the model the checkpoint holds, loaded by dtrain)."""
+    from dtrain import strategies
+    from dtrain.config import load_config
+
+    reference = runs("qwen3_moe", 2)
+    source = reference / "checkpoints" / "step-00000002"
+    shutil.copytree(source, tmp_path / "run" / "checkpoints" / source.name)
+    config = write_config(tmp_path / "cfg.yaml", tiny_moe("qwen3_moe"))
+    run_dtrain("train", str(config), *OVERRIDES, "--nproc", "2", timeout=DEADLINE_S)
+    for key in ("train/loss", "train/aux_loss"):
+        assert read_metrics(tmp_path / "run", key) == {3: read_metrics(reference, key)[3]}, key
+
+    checkpoint = reference / "checkpoints" / "step-00000003"
+    run_dtrain("export", str(checkpoint), "--hf", str(tmp_path / "hf"))
+    input_ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.save({"input_ids": input_ids}, tmp_path / "batch.pt")
+    spec = f"hf:{tmp_path / 'hf'}"
+    cmd = [sys.executable, "-m", "tests.adapters.vanilla_logits", str(tmp_path / "batch.pt"), str(tmp_path / "l.pt")]
+    subprocess.run([*cmd, spec], cwd=REPO, check=True, timeout=300)
+    cfg = load_config(config, OVERRIDES)
+    trained = strategies.get("full").eval_model(cfg, checkpoint, torch.device("cpu"))
+    with torch.no_grad():
+        expected = trained(input_ids=input_ids, use_cache=False).logits.float()
+    torch.testing.assert_close(torch.load(tmp_path / "l.pt")[spec], expected, rtol=1e-5, atol=1e-5)
