@@ -47,6 +47,7 @@ def make_models(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     tokenizer_dir = make_tiny_model(root / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=args.hidden // 4,
                   max_position_embeddings=4096, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     configs = {
