@@ -27,7 +27,7 @@ OVERRIDES = [
     f"train.max_steps={STEPS}", "checkpoint.every_steps=1", "checkpoint.keep_last=0", "eval.every_steps=0",
     "train.gradient_accumulation_steps=null", "train.global_batch_size=8", "data.seq_len=128", "train.warmup_steps=1",
 ]  # fmt: skip
-DEADLINE_S = 300  # a ZeRO-3 hang shows as a timeout, not a stuck test run
+DEADLINE_S = 600  # a ZeRO-3 hang shows as a timeout, not a stuck test run (a tiny run takes 15-200 s on 2 shared cores)
 
 
 @pytest.fixture(scope="module")
