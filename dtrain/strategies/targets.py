@@ -148,15 +148,21 @@ def resolve_for_model(config, model: torch.nn.Module, target_modules: list[str] 
     wanted = set(config.target_parameters or ())
     blocks = sparse_blocks(model)
     if target_modules == "all-linear":  # the experts' matrices, for families peft has no mapping for
-        wanted |= {name for block in blocks for name, p in block.experts.named_parameters() if p.ndim == 3}
+        wanted |= {name for block in blocks for name, p in block.experts.named_parameters() if len(_shape(p)) == 3}
     names = {id(module): name for name, module in model.named_modules()}
     routers = [f"{names[id(block)]}.{name}" for block in blocks for name in ROUTER_NAMES if hasattr(block, name)]
     router_params = {f"{r}.{p}" for r in routers for p, _ in model.get_submodule(r).named_parameters()}
     named_router = isinstance(target_modules, list) and any(_matches(r, t) for r in routers for t in target_modules)
     if not named_router:
-        params = expert_tensors(model)
-        wanted = {t for t in wanted if not all(p in router_params for p in params if _matches(p, t))}
+        tensors = expert_tensors(model)
+        wanted = {t for t in wanted if not _routers_only(t, tensors, router_params)}
     config.target_parameters = sorted(wanted) or None
+
+
+def _routers_only(target: str, tensors: list[str], router_params: set[str]) -> bool:
+    """Whether target parameter `target` names router weights and nothing else."""
+    matched = {name for name in tensors if _matches(name, target)}
+    return bool(matched) and matched <= router_params
 
 
 def expert_tensors(model: torch.nn.Module) -> list[str]:
@@ -167,5 +173,10 @@ def expert_tensors(model: torch.nn.Module) -> list[str]:
         for module_name, module in model.named_modules()
         if type(module).__name__ not in ADAPTABLE
         for name, param in module.named_parameters(recurse=False)
-        if param.ndim >= 2
+        if len(_shape(param)) >= 2
     ]
+
+
+def _shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's shape as the model sees it: ZeRO-3 leaves an empty partition with the real one in ds_shape."""
+    return tuple(getattr(param, "ds_shape", param.shape))
