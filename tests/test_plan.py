@@ -174,6 +174,20 @@ def test_lora_trainable_count_equals_peft(case):
     assert counts.trainable + counts.frozen == total
 
 
+def test_qwen3_30b_a3b_all_linear_lora_count_equals_peft():
+    """At full size, on the meta device: every expert of 48 layers x 128 gets its LoRA pair (995M trainable)."""
+    from peft import get_peft_model
+    from transformers import AutoConfig
+
+    from dtrain.strategies.peft_adapters import peft_config
+
+    path = REPO / "configs/models/qwen3-30b-a3b"
+    lora = LoraConfig(r=16, dropout=0.0, target_modules="all-linear")
+    base = meta_model(AutoConfig.from_pretrained(path))
+    trainable = get_peft_model(base, peft_config(lora, model=base)).get_nb_trainable_parameters()[0]
+    assert lora_trainable_params(load_model_shape(path), lora) == trainable == 994_836_480
+
+
 def test_lora_unknown_target_is_an_error():
     with pytest.raises(ValueError, match="c_attn"):
         lora_targets(load_model_shape(LLAMA3_8B), ["q_proj", "c_attn"])
