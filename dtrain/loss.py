@@ -22,10 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dtrain.data.formats import IGNORE
-
-# Families whose causal-LM forward is exactly `lm_head(final hidden states)` then ForCausalLMLoss: no logit scale or
-# soft-capping that a chunked path would have to repeat (Gemma, Cohere, ... keep the plain forward).
-CHUNKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+from dtrain.plan.shape import CHUNKABLE_MODEL_TYPES
 
 
 def causal_lm_loss(

@@ -6,7 +6,7 @@ import functools
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,8 +21,9 @@ from dtrain.data import Batcher, PreparedData, prefetched, prepare_data
 from dtrain.dist import DistEnv, decided_by_main
 from dtrain.ds_config import build_deepspeed_config
 from dtrain.evaluation import eval_batches, token_mean_loss
-from dtrain.loss import install_chunked_loss
+from dtrain.loss import causal_lm_of, install_chunked_loss
 from dtrain.metrics import MetricsLogger
+from dtrain.moe import RouterLoss, experts_line
 from dtrain.optim import build_optimizer, deepspeed_parameters
 from dtrain.order import DataOrder, rank_micro_batches
 from dtrain.preemption import StopFlag
@@ -40,6 +41,8 @@ class StepResult:
     grad_norm: float
     stop: bool
     """All ranks agreed to stop after this step (a preemption or time-limit signal reached one of them)."""
+    router: dict[str, float] = field(default_factory=dict)
+    """Mixture-of-experts models: the balancing loss and expert load of the step (dtrain.moe)."""
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Trainer:
         )
         self.startup.mark("deepspeed.initialize")
         self.loss_chunks = install_chunked_loss(self.engine.module, self.layout.micro_batch_size * cfg.data.seq_len)
+        self.router = RouterLoss.of(causal_lm_of(self.engine.module))
         self.attention = attention_for(cfg)
         self.batcher = Batcher(
             self.tokenizer.pad_token_id, cfg.data.seq_len, cfg.data.packing, self.attention.varlen, env.device
@@ -141,23 +145,31 @@ class Trainer:
         scale = label_tokens / (self.layout.gradient_accumulation_steps * self.layout.world_size)
         num_items = torch.tensor(scale, device=self.env.device)
         loss_sum = torch.zeros((), device=self.env.device)
+        router_stats = torch.zeros(self.router.stats_size if self.router else 0, device=self.env.device)
+        forward_kwargs = self.router.forward_kwargs if self.router else {}
         micro_batches = rank_micro_batches(
             step_samples, self.env.rank, self.layout.world_size, self.layout.micro_batch_size
         )
         collate_train = functools.partial(self._host_batch, self.data.train)
         for host_batch in prefetched(collate_train, micro_batches, self.collator):
-            loss = self.engine(**self.batcher.to_device(host_batch), num_items_in_batch=num_items).loss
-            self.engine.backward(loss)
+            output = self.engine(**self.batcher.to_device(host_batch), num_items_in_batch=num_items, **forward_kwargs)
+            self.engine.backward(output.loss)  # with the router's balancing loss, where there is one
             self.engine.step()
-            loss_sum += loss.detach().float() * scale
-        # The step's one collective and one host sync: the loss sum and every rank's stop vote travel together.
-        reduced = torch.cat([loss_sum.reshape(1), self.stop_flag.votes()])
+            lm_loss = self.router.lm_loss(output) if self.router else output.loss.detach().float()
+            loss_sum += lm_loss * scale
+            if self.router:
+                router_stats += self.router.step_stats(output)
+        # The step's one collective and one host sync: the loss sum, the router statistics and every rank's stop
+        # vote travel together.
+        reduced = torch.cat([loss_sum.reshape(1), router_stats, self.stop_flag.votes()])
         dist.all_reduce(reduced)
         grad_norm = self.engine.get_global_grad_norm()  # the same on every rank: not reduced
         grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, device=self.env.device)
-        loss_total, *votes, norm = torch.cat([reduced, grad_norm.reshape(1).float()]).tolist()
+        loss_total, *values, norm = torch.cat([reduced, grad_norm.reshape(1).float()]).tolist()
+        stats, votes = values[: router_stats.numel()], values[router_stats.numel() :]
+        router = self.router.scalars(stats, len(micro_batches) * self.layout.world_size) if self.router else {}
         tokens = int(sum(self.data.train.lengths[i] for i in step_samples))
-        return StepResult(loss_total / max(1, label_tokens), tokens, norm, self.stop_flag.agree(votes))
+        return StepResult(loss_total / max(1, label_tokens), tokens, norm, self.stop_flag.agree(votes), router)
 
     def evaluate(self, samples: Any) -> float:
         """Token-mean loss over `samples` (the held-out split, a retention set); all ranks take part."""
@@ -224,12 +236,16 @@ class Trainer:
             "grad_norm": result.grad_norm,
             "tokens_per_s": result.tokens / elapsed,
             "step_time": elapsed,
+            **result.router,
         }
 
     def _log_startup(self, step: int, log: MetricsLogger) -> None:
         self.startup.mark("first step")
         log.message(self.startup.line())
         log.message(self.attention.line())
+        experts = experts_line(causal_lm_of(self.engine.module))
+        if experts:
+            log.message(experts)
         log.log(step, self.startup.phases, prefix="startup", force=True)
 
     def _save(self, progress: Progress, log: MetricsLogger) -> None:

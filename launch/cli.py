@@ -97,6 +97,17 @@ def _preflight(args: argparse.Namespace, nproc_per_node: int = 1) -> Preflight:
     return preflight(args.config, args.overrides, Launch(getattr(args, "nodes", 1), nproc_per_node))
 
 
+def adapter_report(cfg) -> list[str]:
+    """What an adapter run adapts (modules, expert parameters, trainable count); nothing for full fine-tuning."""
+    from dtrain import strategies
+
+    if "adapter" not in strategies.get(cfg.strategy).export_kinds:
+        return []
+    from dtrain.strategies.peft_adapters import adapted_lines
+
+    return adapted_lines(cfg)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from dtrain.attention import attention_for
     from dtrain.dist import select_accelerator
@@ -127,6 +138,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  logging      {', '.join(cfg.logging.report_to) or 'metrics.jsonl only'}; export on finish: "
           f"{cfg.export.on_finish}")  # fmt: skip
     print(f"  attention    {attention_for(cfg).line().removeprefix('attention: ')} on this machine")
+    for i, line in enumerate(adapter_report(cfg)):
+        print(f"  {'adapted' if i == 0 else '':<13}{line}")
     print(f"  memory       {fit[0] if fit else 'not checked (give --gpus-per-node --gpu-mem --cpu-mem)'}")
     for line in fit[1:]:
         print(f"               {line}")

@@ -28,6 +28,7 @@ def test_shipped_configs_pass_check(path, monkeypatch):
 BAD = [
     ("model.colour", "blue", "model.colour: unknown key"),
     ("logging.tensorboard", True, "logging.tensorboard: replaced by logging.report_to, a list"),
+    ("model.router_aux_loss_coef", -0.01, "model.router_aux_loss_coef: must be >= 0"),
     ("strategy", "fulll", "strategy: must be one of"),
     ("train.lr", "fast", "train.lr: expected a number"),
     ("train.lr", -1.0, "train.lr: must be > 0"),

@@ -45,6 +45,19 @@ TINY_VARIANTS = {
     "mistral": ("mistral", dict(head_dim=24)),
     "qwen2": ("qwen2", {}),
     "qwen3-tied": ("qwen3", dict(tie_word_embeddings=True, head_dim=16)),
+    "qwen3-moe": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "qwen3-moe-dense-layer-bias-tied": (
+        "qwen3_moe",
+        dict(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32, mlp_only_layers=[0], attention_bias=True,
+             tie_word_embeddings=True),
+    ),
+    "qwen3-moe-sparse-step": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=24)),
+}  # fmt: skip
+MOE_MODELS = {  # shipped config.json: (total, active) parameters as published (30.5B/3.3B, 235B/22B, 46.7B/12.9B)
+    "qwen3-30b-a3b": (30_532_122_624, 3_353_032_704),
+    "qwen3-235b-a22b": (235_093_634_560, 22_190_763_520),
+    "mixtral-8x7b": (46_702_792_704, 12_879_925_248),
 }
 
 
@@ -78,6 +91,8 @@ def test_param_count_equals_transformers_model(variant):
     shape = ModelShape.from_hf_config(config.to_dict())
     assert shape.total_params == sum(p.numel() for p in model.parameters())
     assert shape.largest_layer_params == largest_layer(model)
+    if shape.moe:
+        assert shape.active_params == active_params(model, config) < shape.total_params
 
 
 @pytest.mark.parametrize("path, expected", [(LLAMA3_8B, 8_030_261_248), (LLAMA3_70B, 70_553_706_496)])
@@ -91,11 +106,34 @@ def test_real_llama3_shapes(path, expected):
     assert shape.largest_layer_params == largest_layer(model) == 128256 * shape.hidden_size
 
 
+def active_params(model, config) -> int:
+    """Parameters one token runs through, counted on the model: every parameter, less the (E - k) experts' slices
+    of each fused experts module that a token is not routed to."""
+    total = sum(p.numel() for p in model.parameters())
+    k = config.num_experts_per_tok
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            total -= param.numel() // param.shape[0] * (param.shape[0] - k)
+    return total
+
+
+@pytest.mark.parametrize("name", MOE_MODELS)
+def test_real_moe_shapes(name):
+    from transformers import AutoConfig
+
+    path = REPO / "configs/models" / name
+    shape, config = load_model_shape(path), AutoConfig.from_pretrained(path)
+    model = meta_model(config)
+    assert (shape.total_params, shape.active_params) == MOE_MODELS[name]
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    assert shape.active_params == active_params(model, config)
+    # one layer's fused experts are the largest module ZeRO-3 gathers (above the embedding)
+    assert shape.largest_layer_params == largest_layer(model) > shape.embedding_params
+
+
 def test_unsupported_models_are_refused():
     with pytest.raises(ValueError, match="plan supports"):
         ModelShape.from_hf_config({"model_type": "gpt2"})
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        ModelShape.from_hf_config(hf_config("mistral").to_dict() | {"num_local_experts": 8})
 
 
 LORA_CASES = {
@@ -109,6 +147,15 @@ LORA_CASES = {
     "dora-all-linear-r4": ("llama", {}, LoraConfig(r=4, target_modules="all-linear", use_dora=True)),
     "dora-rslora-lm-head": ("llama", {}, LoraConfig(r=8, target_modules=["q_proj", "lm_head"], use_dora=True,
                                                     use_rslora=True)),
+    "mixtral-qv": ("mixtral", dict(num_local_experts=4), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
+    "qwen3-moe-all-linear-dense-layer": ("qwen3_moe", dict(num_experts=4, mlp_only_layers=[1]),
+                                         LoraConfig(r=4, dropout=0.0, target_modules="all-linear")),
+    "mixtral-all-linear": ("mixtral", dict(num_local_experts=4),
+                           LoraConfig(r=4, dropout=0.0, target_modules="all-linear")),
+    "qwen3-moe-expert-tensors-and-router": (
+        "qwen3_moe", dict(num_experts=4, mlp_only_layers=[0]),
+        LoraConfig(r=8, dropout=0.0, target_modules=["q_proj", "gate_up_proj", "down_proj", "gate"]),
+    ),
 }  # fmt: skip
 
 
@@ -121,12 +168,27 @@ def test_lora_trainable_count_equals_peft(case):
 
     model_type, overrides, lora = LORA_CASES[case]
     config = hf_config(model_type, **overrides)
-    model = get_peft_model(AutoModelForCausalLM.from_config(config), peft_config(lora))
+    base = AutoModelForCausalLM.from_config(config)
+    model = get_peft_model(base, peft_config(lora, model=base))  # targets resolved as dtrain resolves them
     trainable, total = model.get_nb_trainable_parameters()
     shape = ModelShape.from_hf_config(config.to_dict())
     assert lora_trainable_params(shape, lora) == trainable
     counts = param_counts(shape, "lora", lora, QuantizationConfig())
     assert counts.trainable + counts.frozen == total
+
+
+def test_qwen3_30b_a3b_all_linear_lora_count_equals_peft():
+    """At full size, on the meta device: every expert of 48 layers x 128 gets its LoRA pair (995M trainable)."""
+    from peft import get_peft_model
+    from transformers import AutoConfig
+
+    from dtrain.strategies.peft_adapters import peft_config
+
+    path = REPO / "configs/models/qwen3-30b-a3b"
+    lora = LoraConfig(r=16, dropout=0.0, target_modules="all-linear")
+    base = meta_model(AutoConfig.from_pretrained(path))
+    trainable = get_peft_model(base, peft_config(lora, model=base)).get_nb_trainable_parameters()[0]
+    assert lora_trainable_params(load_model_shape(path), lora) == trainable == 994_836_480
 
 
 def test_lora_unknown_target_is_an_error():
@@ -281,6 +343,53 @@ def test_activation_formula_matches_cpu_peak(case):
     assert predicted == pytest.approx(measured, rel=0.15 if chunked else 0.03)
 
 
+MOE_ACTIVATION_CASES = {  # transformers' default experts implementation on CPU (grouped_mm), no checkpointing
+    "qwen3-moe": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)),
+    "qwen3-moe-dense-layer": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                                                mlp_only_layers=[0])),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=256)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MOE_ACTIVATION_CASES)
+def test_moe_activation_formula_matches_cpu_peak(case):
+    """The routed tokens' terms (top-k experts per token, router logits) against a real step: the layers dominate
+    at this vocabulary, so the sparse blocks' share is what is measured."""
+    from transformers import AutoModelForCausalLM
+
+    model_type, overrides = MOE_ACTIVATION_CASES[case]
+    config = hf_config(model_type, hidden_size=256, vocab_size=512, num_key_value_heads=4, attn_implementation="sdpa",
+                       **overrides)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).train()
+    batch, seq_len = 2, 128
+    measured = cpu_step_peak(model, torch.randint(0, config.vocab_size, (batch, seq_len)))
+    shape = ModelShape.from_hf_config(config.to_dict())
+    predicted = activation_bytes(shape, seq_len, batch, False, "sdpa", 2, chunked_loss=False)
+    assert predicted == pytest.approx(measured, rel=0.07)
+
+
+def test_moe_expert_lora_activation_matches_cpu_peak():
+    """peft's LoRA on fused experts materializes every expert's adapted weight for backward (dtrain.plan.memory)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.strategies.peft_adapters import peft_config
+
+    config = hf_config("qwen3_moe", hidden_size=256, vocab_size=512, num_key_value_heads=4, attn_implementation="sdpa",
+                       num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128)  # fmt: skip
+    lora = LoraConfig(r=8, dropout=0.0, target_modules=["q_proj", "v_proj", "gate_up_proj", "down_proj"])
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).train()
+    model = get_peft_model(base, peft_config(lora, model=base))
+    batch, seq_len = 2, 128
+    measured = cpu_step_peak(model, torch.randint(0, config.vocab_size, (batch, seq_len)))
+    shape = ModelShape.from_hf_config(config.to_dict())
+    adapters = lora_targets(shape, lora.target_modules)
+    predicted = activation_bytes(shape, seq_len, batch, False, "sdpa", 2, adapters, lora.r, chunked_loss=False)
+    assert predicted == pytest.approx(measured, rel=0.07)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Plans, verdicts and the CLI entry points
 
@@ -294,6 +403,31 @@ def test_shipped_configs_load():
     assert (qlora.strategy, qlora.deepspeed.stage, qlora.train.optimizer) == ("qlora", 1, "paged_adamw_8bit")
     assert (qlora.lora.r, qlora.lora.alpha, qlora.quantization.quant_type) == (16, 32, "nf4")
     assert qlora.data.datasets[0].format == "chat" and qlora.data.seq_len == 2048
+
+
+QWEN3_30B_FULL = REPO / "configs/qwen3-30b-a3b-full-zero3-offload.yaml"
+QWEN3_30B_QLORA = REPO / "configs/qwen3-30b-a3b-qlora.yaml"
+
+
+def test_shipped_moe_configs_load_and_plan(monkeypatch):
+    """Qwen3-30B-A3B: every expert resident and partitioned under ZeRO-3 (full), and a QLoRA base whose fused experts
+    stay bf16 on the one GPU (transformers quantizes nn.Linear only)."""
+    monkeypatch.chdir(REPO)  # model.path in the shipped configs is relative to the repository
+    full = load_config(QWEN3_30B_FULL, check_paths=False)
+    assert (full.strategy, full.deepspeed.stage, full.model.router_aux_loss_coef) == ("full", 3, None)
+    assert (full.deepspeed.offload_optimizer.device, full.deepspeed.offload_param.device) == ("cpu", "cpu")
+    text = plan_command(full, 2, 8, parse_size("80GB"), parse_size("1TB"))
+    assert "30,532,122,624 parameters" in text and "3,353,032,704 active per token" in text
+    assert "verdict: fits" in text
+    qlora = load_config(QWEN3_30B_QLORA, check_paths=False)
+    assert (qlora.strategy, qlora.quantization.quant_type) == ("qlora", "nf4")
+    text = plan_command(qlora, 1, 1, parse_size("80GB"), parse_size("256GB"))
+    assert "verdict: fits" in text
+    shape = load_model_shape(REPO / "configs/models/qwen3-30b-a3b")
+    counts = param_counts(shape, "qlora", qlora.lora, qlora.quantization)
+    experts_and_routers = shape.sparse_layers * shape.sparse_block_params
+    assert counts.frozen >= experts_and_routers  # counted in bf16, not 4-bit
+    assert format_bytes(2 * experts_and_routers) == "58.0 GB"
 
 
 def test_plan_for_70b_full_on_4x8x80gb(monkeypatch):

@@ -29,6 +29,10 @@ class ModelConfig:
     """Attention kernel passed to transformers. auto: flash_attention_2 where it runs (CUDA, the flash-attn package,
     fp16/bf16; packed rows need no mask then), else sdpa (dtrain.attention). flash_attention_2 needs CUDA and the
     flash-attn package."""
+    router_aux_loss_coef: float | None = None
+    """Mixture-of-experts models: weight of the router's load-balancing loss added to the training loss (logged
+    as train/aux_loss; train/loss stays the language-model loss). null: the model's own (config.json
+    router_aux_loss_coef); 0: off. Ignored by dense models."""
 
     def problems(self, check_paths: bool) -> list[str]:
         """Local paths only: a repo id is resolved by dtrain.preflight (it may download)."""
@@ -37,6 +41,8 @@ class ModelConfig:
             problems.append("model.path: required (a local Hugging Face model directory or a Hub repo id)")
         elif check_paths and not is_hub_id(self.path) and not (Path(self.path) / "config.json").is_file():
             problems.append(f"model.path: {self.path} has no config.json (expected a Hugging Face model directory)")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            problems.append(f"model.router_aux_loss_coef: must be >= 0 (or null), got {self.router_aux_loss_coef}")
         if self.revision and self.path and not is_hub_id(self.path):
             problems.append(f"model.revision: only for a Hub repo id in model.path, not the folder {self.path}")
         tokenizer = self.tokenizer_path

@@ -19,7 +19,7 @@ from dtrain.plan.memory import (
     activation_bytes,
     model_states,
 )
-from dtrain.plan.shape import ModelShape, ParamCounts
+from dtrain.plan.shape import CHUNKABLE_MODEL_TYPES, ModelShape, ParamCounts
 from dtrain.tables import dtype_bytes
 from dtrain.units import format_bytes
 
@@ -134,6 +134,7 @@ def estimate(shape: ModelShape, cfg: Config, choice: Choice, hw: Hardware) -> Es
         dtype_bytes(terms.compute_dtype),
         terms.adapters,
         cfg.lora.r,
+        chunked_loss=shape.model_type in CHUNKABLE_MODEL_TYPES,
     )
     runtime = _runtime_buffers(cfg, choice, terms.counts, terms.dequantized_elements, hw)
     return Estimate(choice, states + runtime + Placement(gpu=Breakdown(activations=activations)), terms.optimizer)

@@ -190,16 +190,24 @@ def activation_bytes(
     norms keep 4h + 4 (not their normalized x or output) and the MLP 3·a·i (not down_proj's input); bitsandbytes'
     4-bit matmul keeps no input either. A micro batch's activations do not partition over ZeRO ranks."""
     a, h = dtype_bytes, shape.hidden_size
-    layer = _layer_activation_bytes(shape, attn_implementation, a, seq_len, frozen_base=adapters is not None)
-    layer += sum(
+    adapted = sum(
         4 * fan_in + 4 * lora_r for name, (fan_in, _, _) in (adapters or {}).items() if name in DECODER_LINEARS
     )
-    tokens = micro_batch * seq_len
     frozen_base = adapters is not None
+    dense = _layer_activation_bytes(shape, attn_implementation, a, seq_len, frozen_base) + adapted
+    sparse = (
+        _layer_activation_bytes(shape, attn_implementation, a, seq_len, frozen_base, True)
+        + adapted
+        + _expert_adapter_bytes(shape, a, adapters or {}, micro_batch * seq_len)
+        if shape.moe
+        else 0
+    )
+    layer = max(dense if shape.dense_layers else 0, sparse)
+    tokens = micro_batch * seq_len
     # LoRA/QLoRA: plan counts the head frozen (lora.modules_to_save: [lm_head] would train it)
     chunks = loss_chunks(shape, a, tokens, frozen_base, head_trained=not frozen_base) if chunked_loss else 1
     loss = chunked_loss_bytes(shape, a, tokens, chunks, head_trained=not frozen_base)
-    kept = shape.num_layers * (a * h if checkpointing else layer)
+    kept = shape.num_layers * a * h if checkpointing else shape.dense_layers * dense + shape.sparse_layers * sparse
     transient = max(loss, layer * tokens) if checkpointing else loss
     mask = {"sdpa": 1, "eager": a}.get(attn_implementation, 0) * seq_len
     other = (4 + 2 * a) * h + 4 + 2 * a * shape.head_dim + 16 + mask  # final norm, RoPE, input ids + labels, mask
@@ -235,9 +243,10 @@ def loss_chunks(shape: ModelShape, dtype_bytes: int, tokens: int, frozen_base: b
 
 
 def _layer_activation_bytes(
-    shape: ModelShape, attn_implementation: str, a: int, seq_len: int, frozen_base: bool
+    shape: ModelShape, attn_implementation: str, a: int, seq_len: int, frozen_base: bool, sparse: bool = False
 ) -> float:
-    """Bytes per token that one decoder layer keeps for backward (see activation_bytes)."""
+    """Bytes per token that one decoder layer keeps for backward (see activation_bytes); `sparse`: a layer whose
+    MLP is the router and experts (`_sparse_block_bytes`)."""
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     norm = 4 * h + 4 + (0 if frozen_base else 2 * a * h)
@@ -245,6 +254,35 @@ def _layer_activation_bytes(
     attention = 2 * a * q + 2 * a * kv_saved + 4 * shape.num_heads
     if attn_implementation == "eager":
         attention += (4 + a) * shape.num_heads * seq_len
-    if shape.qk_norm:
-        attention += (4 + 2 * a) * (q + kv)
-    return 2 * norm + attention + (3 if frozen_base else 4) * a * i
+    if shape.qk_norm:  # like the layer norms: a frozen norm weight needs neither its normalized input nor output
+        attention += (4 + (0 if frozen_base else 2 * a)) * (q + kv)
+    mlp = _sparse_block_bytes(shape, a, frozen_base) if sparse else (3 if frozen_base else 4) * a * i
+    return 2 * norm + attention + mlp
+
+
+def _expert_adapter_bytes(shape: ModelShape, a: int, adapters: dict, tokens: int) -> float:
+    """Per token, what LoRA on a sparse layer's expert tensors adds (peft's ParamWrapper, measured on CPU): each
+    forward materializes the adapted weight W + BA of every expert in the compute dtype, kept for backward — a whole
+    dense copy of the layer's adapted experts, whatever the tokens (spread over them here) — and each routed
+    token's input and SiLU product are kept again for the adapters' gradients."""
+    from dtrain.plan.shape import EXPERT_DOWN, EXPERT_GATE_UP
+
+    adapted = [name for name in (EXPERT_GATE_UP, EXPERT_DOWN) if name in adapters]
+    if not adapted:
+        return 0.0
+    moe, h = shape.moe, shape.hidden_size
+    weights = sum(fan_in * fan_out * moe.num_experts for fan_in, fan_out, _ in (adapters[n] for n in adapted))
+    return a * weights / tokens + moe.experts_per_token * a * (h + moe.expert_intermediate_size)
+
+
+def _sparse_block_bytes(shape: ModelShape, a: int, frozen_base: bool) -> float:
+    """Per token, what a sparse block keeps for backward (transformers 5's experts loop, Qwen3MoeExperts.forward):
+    the router's logits (a·E) and fp32 probabilities (4·E), and for each of the top-k experts the token is routed
+    to: its gathered input (a·h, for the weight gradient), gate and up (2·a·I), SiLU(gate) (a·I), their product
+    (a·I, down's input) and down's output (a·h, for the routing weight's gradient). A frozen base keeps only what
+    the input gradient needs: gate, up and SiLU(gate). Shared experts are a dense MLP beside them."""
+    moe = shape.moe
+    h, e, k, i = shape.hidden_size, moe.num_experts, moe.experts_per_token, moe.expert_intermediate_size
+    routed = 3 * a * i if frozen_base else a * (2 * h + 4 * i)
+    shared = (3 if frozen_base else 4) * a * moe.shared_intermediate_size
+    return (a + 4) * e + k * routed + shared

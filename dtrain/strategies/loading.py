@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dtrain.attention import attention_for
+from dtrain.families import mark_zero3_leaves, router_loss_overrides
 from dtrain.tables import torch_dtype
 
 if TYPE_CHECKING:
@@ -26,14 +28,18 @@ def load_pretrained(
 
     stage = ds_config["zero_optimization"]["stage"]
     keepalive = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+    config = json.loads((cfg.model.local_dir() / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.local_dir(),
         trust_remote_code=cfg.model.trust_remote_code,
         dtype=torch_dtype(cfg.train.precision),
         attn_implementation=attention_for(cfg).implementation,
         device_map=load_device_map(stage, device),
+        **router_loss_overrides(config, cfg.model.router_aux_loss_coef),
         **kwargs,
     )
+    if stage == 3:
+        mark_zero3_leaves(model)  # separate expert modules only (dtrain.families): fused experts need none
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -41,9 +41,9 @@ class Lora:
         return []
 
     def model_problems(self, cfg: Config) -> list[str]:
-        from dtrain.strategies.targets import target_problems
+        from dtrain.strategies.targets import expert_problems, target_problems
 
-        return target_problems(cfg)
+        return target_problems(cfg) or expert_problems(cfg)
 
     def layout_problems(self, cfg: Config, nnodes: int) -> list[str]:
         return []

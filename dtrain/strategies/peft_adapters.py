@@ -47,14 +47,22 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INITIAL_ADAPTER = "initial_adapter.safetensors"
 
 
-def peft_config(lora: LoraConfig, base_model_path: str | None = None) -> Any:
+def peft_config(lora: LoraConfig, base_model_path: str | None = None, model: torch.nn.Module | None = None) -> Any:
+    """peft's LoraConfig for `lora`; with `model`, its targets resolved against the model's modules and expert
+    parameters (dtrain.strategies.targets: what a mixture-of-experts model adapts)."""
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(
+    from dtrain.strategies.targets import resolve_for_model, split_targets
+
+    target_modules, target_parameters = lora.target_modules, []
+    if model is not None:
+        target_modules, target_parameters = split_targets(model, lora.target_modules)
+    config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=target_modules,
+        target_parameters=target_parameters or None,
         bias=lora.bias,
         modules_to_save=list(lora.modules_to_save) or None,
         use_rslora=lora.use_rslora,
@@ -63,6 +71,9 @@ def peft_config(lora: LoraConfig, base_model_path: str | None = None) -> Any:
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_path,
     )
+    if model is not None:
+        resolve_for_model(config, model, lora.target_modules)
+    return config
 
 
 def add_adapters(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
@@ -72,7 +83,7 @@ def add_adapters(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        peft_model = get_peft_model(model, peft_config(cfg.lora, cfg.model.path))
+        peft_model = get_peft_model(model, peft_config(cfg.lora, cfg.model.path, model))
     if cfg.model.gradient_checkpointing:
         peft_model.config.use_cache = False
     return peft_model
@@ -120,8 +131,10 @@ def as_lora_of_original_base(tensors: dict[str, torch.Tensor], cfg: Config, chec
 
 
 def exported_peft_config(cfg: Config) -> Any:
-    """The adapter_config.json of an export: pissa / olora exports are rank 2r, alpha scaled to keep lora.scale."""
-    config = peft_config(cfg.lora, cfg.model.path)
+    """The adapter_config.json of an export (targets resolved against the model, so a mixture of experts' expert
+    tensors are named): pissa / olora exports are rank 2r, alpha scaled to keep lora.scale."""
+    base = meta_model(cfg.model.local_dir(), cfg.model.trust_remote_code)
+    config = peft_config(cfg.lora, cfg.model.path, base)
     if mutates_base(cfg.lora.init_lora_weights):
         config.init_lora_weights = True  # loading must not run the SVD/QR on the user's base again
         config.r *= 2
@@ -198,6 +211,69 @@ def variant_words(lora: LoraConfig) -> str:
     return "".join(f" {word}" for word in words)
 
 
+def adapted_lines(cfg: Config) -> list[str]:
+    """What the adapter of `cfg` adapts in this model, for `dtrain check`: its modules, its parameters (a mixture of
+    experts' fused expert tensors) and the trainable count, from the model built on the meta device."""
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    model = meta_peft_model(cfg)
+    modules: dict[str, int] = {}
+    parameters: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            key = f"{_layer_generic(name).removesuffix('.base_layer')}.{module.parameter_name}"
+            parameters[key] = parameters.get(key, 0) + 1
+        elif isinstance(module, LoraLayer):
+            modules[_layer_generic(name)] = modules.get(_layer_generic(name), 0) + 1
+    lines = [f"modules {', '.join(f'{n} x{c}' for n, c in modules.items()) or 'none'}"]
+    if parameters:
+        lines.append(f"parameters {', '.join(f'{n} x{c}' for n, c in parameters.items())} (one LoRA pair per expert)")
+    return [*lines, count_parameters(model).line(), *_unquantized_lines(cfg, model)]
+
+
+def _unquantized_lines(cfg: Config, model: torch.nn.Module) -> list[str]:
+    """A 4-bit base: the expert and router tensors bitsandbytes leaves in the training precision. transformers 5.25
+    replaces nn.Linear (and Conv1D) only (integrations/bitsandbytes.py replace_with_bnb_linear), so fused 3D experts
+    load unquantized (docs/moe.md); the planner counts them so."""
+    from dtrain import strategies
+    from dtrain.strategies.targets import expert_tensors
+
+    if "quantization" not in strategies.get(cfg.strategy).sections:
+        return []
+    names = set(expert_tensors(model))
+    kept = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    if not kept:
+        return []
+    return [
+        f"4-bit: nn.Linear weights only; {len(names)} expert and router tensors ({kept:,} parameters) stay "
+        f"{cfg.train.precision} (transformers quantizes nn.Linear only: docs/moe.md)"
+    ]
+
+
+def _layer_generic(name: str) -> str:
+    """A module name without its model prefix and layer number: base_model.model.model.layers.3.mlp -> mlp."""
+    return name.split(".layers.", 1)[-1].split(".", 1)[-1] if ".layers." in name else name.split("model.")[-1]
+
+
+def expert_adapter_problems(cfg: Config) -> list[str]:
+    """What peft refuses about adapting this mixture-of-experts model, as config problems: found by building the
+    adapter on the meta device (a check in seconds), not by a rank that crashes after the launch."""
+    from peft import get_peft_model
+
+    base = meta_model(cfg.model.local_dir(), cfg.model.trust_remote_code)
+    config = peft_config(cfg.lora, cfg.model.path, base)
+    if config.target_parameters and cfg.lora.dropout:
+        return [
+            f"lora.dropout: must be 0 when LoRA adapts expert parameters ({', '.join(config.target_parameters)}): "
+            f"peft's ParamWrapper has no dropout, got {cfg.lora.dropout}"
+        ]
+    try:
+        get_peft_model(base, config)
+    except ValueError as e:
+        return [f"lora.target_modules: peft cannot adapt this {type(base).__name__}: {str(e).splitlines()[0]}"]
+    return []
+
+
 def planned_report(cfg: Config) -> ParameterReport:
     """The count a run of `cfg` will print, from config.json alone (the model is built on the meta device)."""
     return count_parameters(meta_peft_model(cfg))
@@ -209,7 +285,8 @@ def meta_peft_model(cfg: Config) -> torch.nn.Module:
 
     base = meta_model(cfg.model.local_dir(), cfg.model.trust_remote_code)
     # Same tensors whatever the init; pissa / olora would decompose meta weights for nothing.
-    return get_peft_model(base, peft_config(dataclasses.replace(cfg.lora, init_lora_weights=True), cfg.model.path))
+    plain = dataclasses.replace(cfg.lora, init_lora_weights=True)
+    return get_peft_model(base, peft_config(plain, cfg.model.path, base))
 
 
 def expected_adapter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:

@@ -7,12 +7,11 @@ not sharded across nodes.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtrain.config.model import mutates_base
-from dtrain.plan.shape import DECODER_LINEARS, ModelShape, ParamCounts, PlanTerms, lora_targets, nf4_tensor_bytes
+from dtrain.plan.shape import ModelShape, ParamCounts, PlanTerms, lora_targets, nf4_tensor_bytes
 from dtrain.strategies import lora
 from dtrain.strategies.protocol import BuiltModel, ExportOptions
 
@@ -85,14 +84,14 @@ class QLora:
         return lora.with_trained_adapter(base.eval(), cfg, checkpoint)
 
     def plan_terms(self, shape: ModelShape, cfg: Config) -> PlanTerms:
-        dims = shape.linear_dims()
-        per_layer = sum(
-            nf4_tensor_bytes(dims[n][0] * dims[n][1], cfg.quantization.double_quant) for n in DECODER_LINEARS
-        )
+        """The decoder's nn.Linear weights in 4 bit; everything else, a sparse block's experts included, in the
+        compute dtype (transformers quantizes nn.Linear only: docs/moe.md)."""
+        linears = shape.linear_counts().values()
+        quantized = sum(nf4_tensor_bytes(i * o, cfg.quantization.double_quant) * n for i, o, n in linears)
         counts = ParamCounts(
             lora.adapter_params(shape, cfg),
             lora.frozen_params(shape, cfg) - shape.quantizable_params,
-            shape.num_layers * per_layer,
+            quantized,
             shape.largest_layer_params,
         )
         return PlanTerms(
@@ -100,7 +99,7 @@ class QLora:
             cfg.train.optimizer,
             cfg.quantization.compute_dtype,
             lora_targets(shape, cfg.lora.target_modules),
-            dequantized_elements=max(math.prod(dims[n]) for n in DECODER_LINEARS),
+            dequantized_elements=max(i * o for i, o, _ in linears),
         )
 
 
