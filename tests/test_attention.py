@@ -37,7 +37,8 @@ def test_a_flash_attn_that_does_not_import_means_sdpa_and_a_warning(tmp_path, mo
     package = tmp_path / "flash_attn"
     package.mkdir()
     (package / "__init__.py").write_text(
-        "raise ImportError('flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: _ZN3c104cuda9SetDevice')"
+        "raise ImportError('flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: "
+        "undefined symbol: _ZN3c104cuda9SetDevice')"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
@@ -78,7 +79,7 @@ def _cpu_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     assert isinstance(max_seqlen_q, int), "a tensor max length is read back to the host in every layer"
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         out[start:end] = _cpu_flash(q[None, start:end], k[None, start:end], v[None, start:end], 0.0, softmax_scale,
                                     causal)[0]  # fmt: skip
     return out
