@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-# The DeepSpeed releases this was checked on: 0.19.8 has the bug; PR #8212 landed in 0.19.x. A newer release is left
-# alone until tests/test_nvme_optimizer.py has been run against it.
+# The DeepSpeed releases this was checked on: 0.19.8 has both bugs (PR #8212, behind the first, landed in 0.19.x);
+# a newer release is left alone until tests/test_nvme_optimizer.py has been run against it.
 AFFECTED = ("0.19.0", "0.19.8")
 
 

@@ -21,6 +21,7 @@ from dtrain.checkpoint_layout import (
     swapped_optimizer_states,
 )
 from dtrain.config import Config, ConfigError, read_yaml
+from dtrain.config.typed import convert
 from dtrain.fingerprint import run_fingerprints
 from dtrain.layout import BatchLayout
 from dtrain.resume_changes import Changes, compare
@@ -76,10 +77,16 @@ def plan_resume(cfg: Config, world_size: int) -> ResumePlan:
 
 def same_run_changes(cfg: Config, checkpoint: Path) -> Changes:
     """How this run's config and files differ from those the checkpoint was trained with."""
-    saved = read_yaml(checkpoint / "config.yaml") or {}
+    saved = with_defaults(read_yaml(checkpoint / "config.yaml") or {})
     saved_prints = json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprints", {})
     sections = strategies.get(cfg.strategy).sections
     return compare(saved, saved_prints, cfg.to_dict(), run_fingerprints(cfg), sections)
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config with every key it lacks at its default: a checkpoint written before dtrain had a key (e.g.
+    train.optimizer_states) trained with the behaviour that key's default keeps, so it is no change."""
+    return convert(Config, saved, "", []).to_dict()
 
 
 def _refusal_hint(cfg: Config, checkpoint: Path, changes: Changes) -> str:

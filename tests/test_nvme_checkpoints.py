@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict
 
 import pytest
+import yaml
 
 from dtrain.checkpoint_layout import STATE_FILE, Progress
 from dtrain.config import ConfigError, dump_yaml, load_config
@@ -45,3 +46,12 @@ def test_resume_on_another_world_size_refuses_swapped_optimizer_states(nvme_chec
     assert not plan_resume(cfg, 2).universal  # the world size it was saved on: DeepSpeed's own load, no conversion
     with pytest.raises(ConfigError, match="saved on 2 ranks, resumed on 1: .* NVMe swap files"):
         plan_resume(cfg, 1)
+
+
+def test_a_checkpoint_from_before_optimizer_states_existed_resumes(nvme_checkpoint):
+    """Its config.yaml lacks train.optimizer_states: it trained with fp32 states, the default, so it is the same run."""
+    cfg, checkpoint = nvme_checkpoint
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    del saved["train"]["optimizer_states"]
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert plan_resume(cfg, 2).checkpoint == checkpoint

@@ -47,8 +47,8 @@ class TrainConfig:
     optimizer_states: str = "fp32"
     """fp32: fp32 master weights, gradients and Adam moments (16 B per trained parameter with the bf16 weight).
     bf16: all three in bf16 (DeepSpeed's bf16_master_weights_and_grads + bf16_optimizer_states, 8 B): for offloaded
-    optimizers that do not fit host RAM or NVMe otherwise; needs precision bf16, adamw_deepspeed and optimizer
-    offload. Its loss gap to fp32 states is in docs/nvme-optimizer.md."""
+    optimizers that do not fit host RAM otherwise; needs precision bf16, adamw_deepspeed and optimizer offload to cpu
+    (DeepSpeed 0.19.8 fails with it on NVMe). Its loss gap to fp32 states is in docs/nvme-optimizer.md."""
 
     def problems(self) -> list[str]:
         return self._batch_problems() + self._schedule_problems() + self._optimizer_problems()
