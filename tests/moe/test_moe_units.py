@@ -26,7 +26,7 @@ def load(tmp_path, model_dir, **keys):
     attention = ATTENTION.get(json.loads((model_dir / "config.json").read_text())["model_type"], "auto")
     config = write_config(tmp_path / "cfg.yaml", model_dir, **{"model.attn_implementation": attention, **keys})
     cfg = load_config(config, check_paths=False)
-    return load_pretrained(cfg, {"zero_optimization": {"stage": 0}})[0]
+    return load_pretrained(cfg, {"zero_optimization": {"stage": 0}}, torch.device("cpu"))[0]
 
 
 def batch(vocab_size: int) -> dict[str, torch.Tensor]:
