@@ -9,13 +9,14 @@ from tests.helpers import run_dtrain, write_config
 
 
 def _tiny_moe(tiny_model, folder):
-    """The tiny model's tokenizer beside a Qwen3-MoE config.json (check reads files, no weights)."""
-    from transformers import Qwen3MoeConfig
+    """The tiny model's tokenizer beside a DeepSeek-V3-shaped config.json (check reads files, no weights): a family
+    dtrain counts on the meta device but has no memory formulas for."""
+    from transformers import DeepseekV3Config
 
     shutil.copytree(tiny_model, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    config = Qwen3MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                            num_experts_per_tok=2, max_position_embeddings=512)  # fmt: skip
+    config = DeepseekV3Config(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                              num_experts_per_tok=2, max_position_embeddings=512)  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config.to_dict()))
     return folder
 
