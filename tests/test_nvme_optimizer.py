@@ -20,6 +20,7 @@ from tests.helpers import REPO
 
 pytestmark = [
     pytest.mark.slow,  # three 2-rank launches
+    pytest.mark.long,  # ~200 s, most of it compiling async_io, pin_memory and CPU Adam: make test-all builds them
     pytest.mark.skipif(not op_status("async_io").compatible, reason="async_io cannot be built here (libaio-dev)"),
 ]
 
