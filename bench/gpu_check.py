@@ -115,10 +115,11 @@ def planned_gpu_bytes(cfg, shape, gpu_mem_bytes: int, cpu_mem_bytes: int, nproc:
     return estimate(shape, cfg, Choice.from_config(cfg), hw).memory.gpu.total
 
 
-def trained_params(cfg, model_dir: Path) -> int:
+def trained_params(cfg) -> int:
+    """Parameters the run trains (all of them for full fine-tuning), counted on the meta device."""
     from dtrain.plan.meta import meta_counts
 
-    return meta_counts(cfg)[1] if cfg.strategy != "full" else 0
+    return meta_counts(cfg)[1]
 
 
 def model_flops_per_token(shape, seq_len: int, trained: int | None = None) -> float:
@@ -221,7 +222,7 @@ def run_training(case: Case, work: Path, tiny: Path, args, gpu_total: int, cpu_t
     steps = {step: value for step, value in read_metrics(run_dir, "train/tokens_per_s").items() if step > 2}
     tokens_per_s = statistics.median(steps.values())
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(torch.cuda.get_device_name(0))
-    flops = model_flops_per_token(shape, cfg.data.seq_len, trained_params(cfg, model_dir) or None)
+    flops = model_flops_per_token(shape, cfg.data.seq_len, trained_params(cfg))
     row = {"case": case.name, "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / peak if peak else 0.0}
     if case.nproc == 1:  # two ranks on one GPU share it: no per-GPU figure to hold against the plan
         row.update(measured=memory.peak, planned=planned_gpu_bytes(cfg, shape, gpu_total, cpu_total))
